@@ -1,0 +1,372 @@
+"""The hook bus: producers emit telemetry, collectors receive it once per step.
+
+``wants(topic)`` is a dict look-up, so an instrument that nobody listens to costs nearly
+nothing. Tensor values stay on their device until ``end_step``, where all of a step's
+values are concatenated per device and copied to the host in one transfer (on CUDA a
+non-blocking copy into pinned memory, read once its event reports done). A collector that
+raises is isolated and counted; the pending buffer is bounded and what overflows is counted.
+
+The bus is driven from one thread (the training loop's): ``begin_step``/``emit``/``end_step``
+are not locked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+
+from hooks import topics as _topics
+from hooks.event import Event
+from hooks.timing import NULL_SPAN, CudaTimer, Span, _profiler_enabled
+
+_NONE, _SAMPLED, _ALWAYS, _ALARM = 0, 1, 2, 3
+_DELIVERY = {"sampled": _SAMPLED, "always": _ALWAYS, "alarm": _ALARM}
+
+
+class Collector(Protocol):
+    """Anything with ``handle(events)``; ``close()`` is optional."""
+
+    def handle(self, events: list[Event]) -> None: ...
+
+
+def _collector_name(collector: Any) -> str:
+    return getattr(collector, "name", None) or type(collector).__name__
+
+
+class Subscription:
+    """A collector's subscription to topic patterns; ``remove()`` ends it."""
+
+    def __init__(self, bus: "Bus", collector: Collector, patterns: tuple[str, ...]) -> None:
+        self.bus = bus
+        self.collector = collector
+        self.patterns = patterns
+        self.name = _collector_name(collector)
+        self.errors = 0
+        self._match: dict[str, bool] = {}
+
+    def matches(self, topic: str) -> bool:
+        """True when ``topic`` matches one of the patterns (``*`` spans slashes)."""
+        hit = self._match.get(topic)
+        if hit is None:
+            hit = any(fnmatch.fnmatchcase(topic, p) for p in self.patterns)
+            self._match[topic] = hit
+        return hit
+
+    def remove(self) -> None:
+        """Stop delivering to this collector (it is not closed)."""
+        self.bus._unsubscribe(self)
+
+
+class _Pending:
+    __slots__ = ("topic", "step", "value", "tags", "wall", "delivery")
+
+    def __init__(self, topic, step, value, tags, wall, delivery):
+        self.topic, self.step, self.value = topic, step, value
+        self.tags, self.wall, self.delivery = tags, wall, delivery
+
+
+class _InFlight:
+    """A CUDA batch being copied to pinned host memory; ready when its event is done."""
+
+    __slots__ = ("event", "host", "items")
+
+    def __init__(self, event, host, items):
+        self.event, self.host, self.items = event, host, items
+
+
+class Bus:
+    """Routes telemetry from producers to collectors, one batch per step.
+
+    ``every``: a step ``n`` is sampled when ``n % every == 0``. ``max_pending``: bound of the
+    values buffered between two ``end_step`` calls. ``strict``: raise on a topic missing from
+    the catalogue (default: the ``OPTPROBE_STRICT_TOPICS=1`` environment variable).
+    """
+
+    def __init__(self, every: int = 1, max_pending: int = 65536, strict: bool | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        self.every = every
+        self.max_pending = max_pending
+        self.strict = (os.environ.get("OPTPROBE_STRICT_TOPICS") == "1") if strict is None \
+            else bool(strict)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._subs: list[Subscription] = []
+        self._want: dict[str, int] = {}
+        self._pending: list[_Pending] = []
+        self._timers: list[tuple[str, CudaTimer, dict, int, float]] = []
+        self._inflight: list[_InFlight] = []
+        self._step = 0
+        self._in_step = False
+        self._sampled = False
+        self.dropped_events = 0
+        self.collector_errors = 0
+        self.host_transfers = 0
+        self._reported_dropped = 0
+        self._reported_errors = 0
+        self._closed = False
+
+    # -- configuration -------------------------------------------------------------------
+    @property
+    def every(self) -> int:
+        """Sampling period: step ``n`` is sampled when ``n % every == 0``."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"every must be an int >= 1, got {value!r}")
+        self._every = value
+
+    @property
+    def step(self) -> int:
+        """The current step (the last begun one between steps)."""
+        return self._step
+
+    @property
+    def sampled(self) -> bool:
+        """True inside a sampled step."""
+        return self._sampled
+
+    def subscribe(self, collector: Collector, topics: str | Iterable[str] = "*") -> Subscription:
+        """Deliver events whose topic matches ``topics`` (patterns such as ``"muon/*"``)."""
+        if not callable(getattr(collector, "handle", None)):
+            raise ValueError(f"collector must have a handle(events) method, got {collector!r}")
+        patterns = (topics,) if isinstance(topics, str) else tuple(topics)
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise ValueError(f"topics must be a non-empty pattern or list of patterns, "
+                             f"got {topics!r}")
+        sub = Subscription(self, collector, patterns)
+        self._subs.append(sub)
+        self._want.clear()
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+            self._want.clear()
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        return tuple(self._subs)
+
+    # -- the hot path --------------------------------------------------------------------
+    def _resolve_want(self, topic: str) -> int:
+        row = _topics.lookup(topic)
+        if row is None and self.strict:
+            raise KeyError(f"topic {topic!r} is not declared in hooks/topics.py")
+        code = _NONE
+        if any(s.matches(topic) for s in self._subs):
+            code = _DELIVERY[row.delivery] if row is not None else _SAMPLED
+        self._want[topic] = code
+        return code
+
+    def wants(self, topic: str) -> bool:
+        """True when a collector listens to ``topic`` and it would be delivered this step."""
+        code = self._want.get(topic)
+        if code is None:
+            code = self._resolve_want(topic)
+        return code >= _ALWAYS or (code == _SAMPLED and self._sampled)
+
+    def emit(self, topic: str, value: Any, **tags: Any) -> None:
+        """Queue a value (float, 0-d or n-d tensor, list of floats, str) for this step."""
+        code = self._want.get(topic)
+        if code is None:
+            code = self._resolve_want(topic)
+        if code == _NONE or (code == _SAMPLED and not self._sampled):
+            return
+        if len(self._pending) >= self.max_pending:
+            self.dropped_events += 1
+            return
+        self._pending.append(_Pending(topic, self._step, value, tags, time.time(), code))
+
+    def span(self, name: str, device: torch.device | str | None = None, **tags: Any):
+        """Context manager timing a block as ``time/<name>`` and naming it in profiler traces."""
+        timed = self.wants("time/" + name)
+        if not timed and not _profiler_enabled():
+            return NULL_SPAN
+        dev = self.device if device is None else torch.device(device)
+        return Span(self, name, tags, timed, dev.type == "cuda")
+
+    def _add_elapsed(self, name: str, ms: float, tags: dict) -> None:
+        self.emit("time/" + name, ms, **tags)
+
+    def _add_timer(self, name: str, timer: CudaTimer, tags: dict) -> None:
+        if len(self._timers) + len(self._pending) >= self.max_pending:
+            self.dropped_events += 1
+            return
+        self._timers.append(("time/" + name, timer, tags, self._step, time.time()))
+
+    # -- step boundaries -----------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Open step ``step``; it is sampled when ``step % every == 0``."""
+        self._step = int(step)
+        self._in_step = True
+        self._sampled = self._step % self._every == 0
+
+    def end_step(self) -> None:
+        """Resolve the step's values in one batch per device and deliver them."""
+        sampled = self._sampled
+        self._in_step = False
+        self._sampled = False
+        self._deliver(self._resolve(sampled, wait=False))
+
+    def flush(self) -> None:
+        """Resolve and deliver everything pending, waiting for in-flight CUDA work."""
+        self._deliver(self._resolve(True, wait=True))
+
+    def close(self) -> None:
+        """Flush, then close and unsubscribe every collector."""
+        if self._closed:
+            return
+        self.flush()
+        for sub in list(self._subs):
+            self._close_collector(sub)
+            self._unsubscribe(sub)
+        self._closed = True
+
+    def _close_collector(self, sub: Subscription) -> None:
+        close = getattr(sub.collector, "close", None)
+        if close is None:
+            return
+        try:
+            close()
+        except Exception as exc:  # a collector's fault never breaks the run
+            self._fault(sub, exc, "close")
+
+    # -- resolution ----------------------------------------------------------------------
+    def _resolve(self, sampled: bool, wait: bool) -> list[Event]:
+        pending, self._pending = self._pending, []
+        events: list[Event] = []
+        by_device: dict[torch.device, list[tuple[_Pending, torch.Tensor]]] = {}
+        for p in pending:
+            v = p.value
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append((p, v.detach().reshape(-1)))
+            else:
+                self._append(events, p, v, sampled)
+        for device, items in by_device.items():
+            flat = torch.cat([t.float() for _, t in items]) if len(items) > 1 \
+                else items[0][1].float()
+            self.host_transfers += 1
+            if device.type == "cuda":
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                self._inflight.append(_InFlight(ev, host, [(p, t.numel(), sampled)
+                                                           for p, t in items]))
+            else:
+                self._split(events, [(p, t.numel(), sampled) for p, t in items], flat.tolist())
+        self._drain_inflight(events, wait)
+        self._drain_timers(events, sampled, wait)
+        self._health(events)
+        return events
+
+    def _split(self, events: list[Event], items, values: list) -> None:
+        i = 0
+        for p, n, sampled in items:
+            chunk = values[i:i + n]
+            i += n
+            self._append(events, p, chunk[0] if n == 1 and _is_scalar(p.topic) else chunk,
+                         sampled)
+
+    def _drain_inflight(self, events: list[Event], wait: bool) -> None:
+        keep = []
+        for f in self._inflight:
+            if wait:
+                f.event.synchronize()
+            if wait or f.event.query():
+                self._split(events, f.items, f.host.tolist())
+            else:
+                keep.append(f)
+        self._inflight = keep
+
+    def _drain_timers(self, events: list[Event], sampled: bool, wait: bool) -> None:
+        keep = []
+        for topic, timer, tags, step, wall in self._timers:
+            if wait or timer.done():
+                p = _Pending(topic, step, None, tags, wall, _SAMPLED)
+                self._append(events, p, timer.elapsed_ms(wait=wait), True)
+            else:
+                keep.append((topic, timer, tags, step, wall))
+        self._timers = keep
+
+    def _append(self, events: list[Event], p: _Pending, value: Any, sampled: bool) -> None:
+        if p.delivery == _ALARM and not sampled and not value:
+            return  # a quiet alarm on an unsampled step is not news
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(value, bool):
+            value = float(value)
+        elif isinstance(value, (list, tuple)):
+            value = [float(x) for x in value]
+        elif not isinstance(value, str):
+            value = str(value)
+        tags = {k: str(v) for k, v in p.tags.items()} if p.tags else {}
+        events.append(Event(p.topic, p.step, value, tags, p.wall))
+
+    def _health(self, events: list[Event]) -> None:
+        now = time.time()
+        if self.dropped_events != self._reported_dropped:
+            self._reported_dropped = self.dropped_events
+            self._append_health(events, "probe/dropped_events", self.dropped_events, now)
+        if self.collector_errors != self._reported_errors:
+            self._reported_errors = self.collector_errors
+            self._append_health(events, "probe/collector_errors", self.collector_errors, now)
+
+    def _append_health(self, events, topic, value, now) -> None:
+        if self.wants(topic):
+            events.append(Event(topic, self._step, float(value), {}, now))
+
+    # -- delivery ------------------------------------------------------------------------
+    def _deliver(self, events: list[Event]) -> None:
+        if not events:
+            return
+        for sub in list(self._subs):
+            mine = [e for e in events if sub.matches(e.topic)]
+            if not mine:
+                continue
+            try:
+                sub.collector.handle(mine)
+            except Exception as exc:  # a collector's fault never breaks the run
+                self._fault(sub, exc, "handle")
+
+    def _fault(self, sub: Subscription, exc: BaseException, where: str) -> None:
+        self.collector_errors += 1
+        sub.errors += 1
+        if sub.errors == 1:
+            print(f"optprobe: collector {sub.name} failed in {where}(): {exc!r}; training "
+                  f"goes on, further failures are counted in probe/collector_errors",
+                  file=sys.stderr)
+
+
+def _is_scalar(topic: str) -> bool:
+    row = _topics.lookup(topic)
+    return row is None or row.kind == _topics.SCALAR
+
+
+_default: Bus | None = None
+
+
+def default_bus() -> Bus:
+    """The process-wide bus that optimizers use when given ``bus=None``."""
+    global _default
+    if _default is None:
+        _default = Bus()
+    return _default
+
+
+def resolve_bus(bus: Bus | None) -> Bus:
+    """``bus`` itself, or the default bus when it is None."""
+    if bus is None:
+        return default_bus()
+    if not isinstance(bus, Bus):
+        raise ValueError(f"bus must be a hooks.Bus or None, got {type(bus).__name__}")
+    return bus

@@ -1,0 +1,23 @@
+"""Test settings: undeclared topics are errors, seeds are fixed."""
+
+import os
+
+os.environ.setdefault("OPTPROBE_STRICT_TOPICS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
