@@ -42,7 +42,7 @@ def _collector_name(collector: Any) -> str:
 class Subscription:
     """A collector's subscription to topic patterns; ``remove()`` ends it."""
 
-    def __init__(self, bus: "Bus", collector: Collector, patterns: tuple[str, ...]) -> None:
+    def __init__(self, bus: Bus, collector: Collector, patterns: tuple[str, ...]) -> None:
         self.bus = bus
         self.collector = collector
         self.patterns = patterns
@@ -61,6 +61,11 @@ class Subscription:
     def remove(self) -> None:
         """Stop delivering to this collector (it is not closed)."""
         self.bus._unsubscribe(self)
+
+    def close(self) -> None:
+        """Stop delivering and close the collector; a failing close is counted, not raised."""
+        self.bus._unsubscribe(self)
+        self.bus._close_collector(self)
 
 
 class _Pending:
@@ -186,22 +191,41 @@ class Bus:
             return
         self._pending.append(_Pending(topic, self._step, value, tags, time.time(), code))
 
+    def emit_each(self, topic: str, values: torch.Tensor, tags: list[dict]) -> None:
+        """Queue one scalar per element of the 1-d ``values``, element i tagged ``tags[i]``."""
+        code = self._want.get(topic)
+        if code is None:
+            code = self._resolve_want(topic)
+        if code == _NONE or (code == _SAMPLED and not self._sampled):
+            return
+        if len(self._pending) >= self.max_pending:
+            self.dropped_events += len(tags)
+            return
+        self._pending.append(_Pending(topic, self._step, values, list(tags), time.time(), code))
+
     def span(self, name: str, device: torch.device | str | None = None, **tags: Any):
         """Context manager timing a block as ``time/<name>`` and naming it in profiler traces."""
         timed = self.wants("time/" + name)
         if not timed and not _profiler_enabled():
             return NULL_SPAN
         dev = self.device if device is None else torch.device(device)
-        return Span(self, name, tags, timed, dev.type == "cuda")
+        return Span(self, "time/" + name, tags, timed, dev.type == "cuda", mark=True)
 
-    def _add_elapsed(self, name: str, ms: float, tags: dict) -> None:
-        self.emit("time/" + name, ms, **tags)
+    def timer(self, topic: str, device: torch.device | str | None = None, **tags: Any):
+        """Like ``span`` but emits the elapsed ms under ``topic`` itself, with no profiler range."""
+        if not self.wants(topic):
+            return NULL_SPAN
+        dev = self.device if device is None else torch.device(device)
+        return Span(self, topic, tags, True, dev.type == "cuda", mark=False)
 
-    def _add_timer(self, name: str, timer: CudaTimer, tags: dict) -> None:
+    def _add_elapsed(self, topic: str, ms: float, tags: dict) -> None:
+        self.emit(topic, ms, **tags)
+
+    def _add_timer(self, topic: str, timer: CudaTimer, tags: dict) -> None:
         if len(self._timers) + len(self._pending) >= self.max_pending:
             self.dropped_events += 1
             return
-        self._timers.append(("time/" + name, timer, tags, self._step, time.time()))
+        self._timers.append((topic, timer, tags, self._step, time.time()))
 
     # -- step boundaries -----------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -227,8 +251,7 @@ class Bus:
             return
         self.flush()
         for sub in list(self._subs):
-            self._close_collector(sub)
-            self._unsubscribe(sub)
+            sub.close()
         self._closed = True
 
     def _close_collector(self, sub: Subscription) -> None:
@@ -274,8 +297,13 @@ class Bus:
         for p, n, sampled in items:
             chunk = values[i:i + n]
             i += n
-            self._append(events, p, chunk[0] if n == 1 and _is_scalar(p.topic) else chunk,
-                         sampled)
+            if isinstance(p.tags, list):  # emit_each: one scalar event per element
+                for v, tags in zip(chunk, p.tags):
+                    self._append(events, _Pending(p.topic, p.step, None, tags, p.wall,
+                                                  p.delivery), v, sampled)
+            else:
+                self._append(events, p, chunk[0] if n == 1 and _is_scalar(p.topic) else chunk,
+                             sampled)
 
     def _drain_inflight(self, events: list[Event], wait: bool) -> None:
         keep = []
@@ -301,15 +329,19 @@ class Bus:
     def _append(self, events: list[Event], p: _Pending, value: Any, sampled: bool) -> None:
         if p.delivery == _ALARM and not sampled and not value:
             return  # a quiet alarm on an unsampled step is not news
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(value, bool):
-            value = float(value)
-        elif isinstance(value, (list, tuple)):
-            value = [float(x) for x in value]
-        elif not isinstance(value, str):
-            value = str(value)
-        tags = {k: str(v) for k, v in p.tags.items()} if p.tags else {}
+        kind = type(value)
+        if kind is not float and kind is not str:
+            if kind in (int, bool):
+                value = float(value)
+            elif kind in (list, tuple):
+                value = [float(x) for x in value]
+            else:
+                value = str(value)
+        tags = p.tags
+        if tags:
+            tags = {k: v if type(v) is str else str(v) for k, v in tags.items()}
+        else:
+            tags = {}
         events.append(Event(p.topic, p.step, value, tags, p.wall))
 
     def _health(self, events: list[Event]) -> None:

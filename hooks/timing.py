@@ -20,7 +20,7 @@ class NullSpan:
 
     __slots__ = ()
 
-    def __enter__(self) -> "NullSpan":
+    def __enter__(self) -> NullSpan:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -51,20 +51,22 @@ class CudaTimer:
 class Span:
     """Times a block for the bus (``time/<name>``) and marks it for the profiler."""
 
-    __slots__ = ("bus", "name", "tags", "timed", "cuda", "_t0", "_timer", "_range")
+    __slots__ = ("bus", "topic", "tags", "timed", "cuda", "mark", "_t0", "_timer", "_range")
 
-    def __init__(self, bus, name: str, tags: dict, timed: bool, cuda: bool) -> None:
+    def __init__(self, bus, topic: str, tags: dict, timed: bool, cuda: bool,
+                 mark: bool = True) -> None:
         self.bus = bus
-        self.name = name
+        self.topic = topic  # "time/<name>"; the profiler range is named <name>
         self.tags = tags
         self.timed = timed
         self.cuda = cuda
+        self.mark = mark
         self._range = None
         self._timer = None
 
-    def __enter__(self) -> "Span":
-        if _profiler_enabled():
-            self._range = torch.profiler.record_function(self.name)
+    def __enter__(self) -> Span:
+        if self.mark and _profiler_enabled():
+            self._range = torch.profiler.record_function(self.topic[5:])
             self._range.__enter__()
         if self.timed:
             if self.cuda:
@@ -78,9 +80,9 @@ class Span:
         if self.timed:
             if self.cuda:
                 self._timer.end.record()
-                self.bus._add_timer(self.name, self._timer, self.tags)
+                self.bus._add_timer(self.topic, self._timer, self.tags)
             else:
-                self.bus._add_elapsed(self.name, (time.perf_counter() - self._t0) * 1e3,
+                self.bus._add_elapsed(self.topic, (time.perf_counter() - self._t0) * 1e3,
                                       self.tags)
         if self._range is not None:
             self._range.__exit__(*exc)
