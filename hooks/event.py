@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
-Value = Union[float, list, str]
+Value = float | list | str
 
 
 @dataclass(frozen=True, slots=True)
