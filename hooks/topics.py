@@ -85,6 +85,8 @@ _ROWS: tuple[Topic, ...] = (
     Topic("blocks/active", SCALAR, "count", "active trailing blocks"),
     Topic("blocks/gate", TEXT, "text", "gating state of the block schedule when it changes",
           delivery="always"),
+    Topic("blocks/budget", SCALAR, "count",
+          "blocks the loss-driven budget adds to (negative: removes from) the selection"),
     # GPU and CUDA memory
     Topic("gpu/utilization", SCALAR, "%", "GPU utilization (NVML), mean and max per window",
           "device"),
