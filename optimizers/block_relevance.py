@@ -104,7 +104,8 @@ def select_suffix(relevance: Sequence[float], threshold: float, min_active: int 
     total = math.fsum(vals)
     if not all(math.isfinite(v) and v >= 0.0 for v in vals) or total <= 0.0:
         return hi
-    target = threshold * total * (1.0 - 1e-12)  # a hair of slack for the rounding of the sum
+    # relevance comes from float32 EMAs: a tie within float32 rounding counts as reached
+    target = threshold * total * (1.0 - 1e-6)
     acc = 0.0
     k = n
     for j in range(1, n + 1):
