@@ -17,11 +17,17 @@ import torch
 from torch import nn
 
 import probe
+from optimizers import BlockSchedule
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
     "adamw": lambda model, total: torch.optim.AdamW(model.parameters(), lr=3e-3,
                                                     weight_decay=1e-4),
+    # AdamW on a trailing suffix of [conv blocks..., head] chosen by gradient relevance
+    "blocks": lambda model, total: BlockSchedule(
+        torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4),
+        [*model.blocks, model.head], threshold=0.9, freeze_after=0.1, probe_every=20,
+        total_steps=total),
 }
 
 
