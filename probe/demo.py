@@ -26,7 +26,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
     # AdamW on a trailing suffix of [conv blocks..., head] chosen by gradient relevance
     "blocks": lambda model, total: BlockSchedule(
         torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4),
-        [*model.blocks, model.head], threshold=0.9, freeze_after=0.1, probe_every=20,
+        [*model.blocks, model.head], threshold=0.8, freeze_after=0.1, probe_every=20,
         total_steps=total),
 }
 

@@ -457,3 +457,21 @@ def test_cuda_suffix_steps_do_not_sync_and_relevance_matches_cpu():
                 sched.zero_grad()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_demo_runs_the_block_schedule(tmp_path, capsys):
+    import json
+
+    from probe.cli import main
+
+    rc = main(["demo", "--optimizer", "blocks", "--steps", "30", "--every", "5",
+               "--runs", str(tmp_path), "--name", "t", "--no-progress"])
+    assert rc == 0 and "blocks" in capsys.readouterr().out
+    recs = [json.loads(x) for x in (tmp_path / "t-blocks" / "events.jsonl").read_text()
+            .splitlines()]
+    active = [r["value"] for r in recs if r["topic"] == "blocks/active"]
+    assert active[0] == 4 and min(active) < 4  # the front froze after the warm-up
+    assert {r["tags"]["param"] for r in recs if r["topic"] == "blocks/relevance"} == \
+        {"block0", "block1", "block2", "block3"}
+    assert [r["value"].split(" ")[0] for r in recs if r["topic"] == "blocks/gate"] == \
+        ["warmup:", "open", "recovery:"]
