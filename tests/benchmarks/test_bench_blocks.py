@@ -8,6 +8,7 @@ next to the time ratio in ``benchmark.extra_info`` and bounded.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -87,8 +88,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# "budget": the defaults (threshold 0.9, loss budget on); on this MLP the stem carries the
+# largest relevance, so the relevance alone keeps every block and the falling loss shrinks
+# the suffix. "relevance": the budget off and threshold 0.5, so only relevance decides.
+VARIANTS = {
+    "budget": ({"threshold": 0.9}, 0.9),
+    "relevance": ({"threshold": 0.5, "shrink_below": 0.0, "grow_above": math.inf}, 1.0),
+}
+
+
 @pytest.mark.slow
-def test_block_schedule_equal_steps(probe_gate, benchmark, one_thread):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_block_schedule_equal_steps(probe_gate, benchmark, one_thread, variant):
+    kw, max_ratio = VARIANTS[variant]
     torch.manual_seed(0)
     base_model, _ = deep_mlp()
     cand_model = copy.deepcopy(base_model)
@@ -98,12 +110,12 @@ def test_block_schedule_equal_steps(probe_gate, benchmark, one_thread):
     base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-3, weight_decay=1e-4)
     cand_opt = BlockSchedule(torch.optim.AdamW(cand_model.parameters(), lr=1e-3,
                                                weight_decay=1e-4),
-                             cand_blocks, threshold=0.9, freeze_after=WARMUP_CYCLES * PROBE_EVERY,
+                             cand_blocks, freeze_after=WARMUP_CYCLES * PROBE_EVERY,
                              probe_every=PROBE_EVERY, total_steps=STEPS,
-                             final_full_fraction=0.1)
+                             final_full_fraction=0.1, **kw)
     base = trainer(base_model, base_opt, xtr, ytr, PROBE_EVERY)
     cand = trainer(cand_model, cand_opt, xtr, ytr, PROBE_EVERY)
-    gate = probe_gate(cand, base, max_ratio=0.85, warmup=WARMUP_CYCLES, rounds=ROUNDS)
+    gate = probe_gate(cand, base, max_ratio=max_ratio, warmup=WARMUP_CYCLES, rounds=ROUNDS)
 
     assert cand.count == base.count == STEPS  # equal steps
     base_loss, base_acc = held_out_loss(base_model, xte, yte)
@@ -112,15 +124,15 @@ def test_block_schedule_equal_steps(probe_gate, benchmark, one_thread):
     cand_times = list(benchmark.stats.stats.data)
     mean_ratio = sum(cand_times) / sum(benchmark.extra_info["baseline_times_s"])
     benchmark.extra_info.update({
-        "steps": STEPS, "blocks": len(cand_blocks),
+        "variant": variant, "steps": STEPS, "blocks": len(cand_blocks),
         "mean_active_blocks": cand.active / cand.count,
         "step_time_ratio": gate.ratio, "mean_time_ratio": mean_ratio,
         "final_loss_full": base_loss, "final_loss_schedule": cand_loss,
         "final_loss_gap": gap,
         "final_accuracy_full": base_acc, "final_accuracy_schedule": cand_acc,
     })
-    print(f"\nblock schedule vs full AdamW, {STEPS} steps: step time ratio {gate.ratio:.3f} "
-          f"(median; mean {mean_ratio:.3f}), "
+    print(f"\n[{variant}] block schedule vs full AdamW, {STEPS} steps: step time ratio "
+          f"{gate.ratio:.3f} (median; mean {mean_ratio:.3f}), "
           f"mean active {cand.active / cand.count:.1f}/{len(cand_blocks)} blocks, held-out "
           f"loss {cand_loss:.4f} vs {base_loss:.4f} (gap {gap:+.4f}), accuracy "
           f"{cand_acc:.3f} vs {base_acc:.3f}")
