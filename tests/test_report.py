@@ -24,8 +24,8 @@ def demo_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for seed in (0, 1):
         assert main(["demo", "--optimizer", "adamw", "--steps", "30", "--every", "5",
-                     "--batch", "32", "--runs", str(root), "--name", f"s{seed}", "--seed", str(seed),
-                     "--no-progress"]) == 0
+                     "--batch", "32", "--runs", str(root), "--name", f"s{seed}",
+                     "--seed", str(seed), "--no-progress"]) == 0
     return root / "s0-adamw", root / "s1-adamw"
 
 
