@@ -199,4 +199,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("View them with:")
     print(f"  tensorboard --logdir {args.runs}")
+    print(f"  probe report {' '.join(r['logdir'] for r in results)} "
+          f"--plots {os.path.join(args.runs, stamp + '-plots')}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         proc, url = start(args.logdir, args.host, args.port)
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"probe tensorboard: {exc}") from None
+    # a SIGTERM must still stop the child server (the finally below), not orphan it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"TensorBoard on {url}  (custom scalars: {url}#custom_scalars)  Ctrl-C to stop",
           flush=True)
     try:

@@ -143,7 +143,7 @@ def _get(url):
 
 def test_tensorboard_server_serves_layout_and_scalars(demo_runs):
     run = demo_runs[0]
-    proc, url = start(run, host="127.0.0.1", port=0, timeout=20)
+    proc, url = start(run, host="127.0.0.1", port=0, timeout=60)
     try:
         assert url.startswith("http://127.0.0.1:")
         tags = _get(url + "data/plugin/scalars/tags")["."]
