@@ -163,6 +163,15 @@ def test_tensorboard_server_serves_layout_and_scalars(demo_runs):
         assert [(s, v) for _, s, v in series] == [(s, pytest.approx(v, rel=1e-6))
                                                   for s, v in want]
         assert len(want) == 6
+        req = urllib.request.Request(url + "data/plugin/hparams/experiment",
+                                     data=json.dumps({"experimentName": ""}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            exp = json.loads(r.read())
+        assert {h["name"] for h in exp["hparamInfos"]} == {"optimizer", "lr", "steps", "batch",
+                                                           "every", "seed"}
+        metrics = {m["name"]["tag"] for m in exp["metricInfos"]}
+        assert metrics == {"eval/accuracy", "eval/loss", "train/loss"}
     finally:
         proc.terminate()
         proc.wait(timeout=10)
