@@ -178,7 +178,8 @@ def target_topic(runs: list[Run]) -> str | None:
     return None
 
 
-def _stages(run: Run) -> list[tuple[str, float]]:
+def stage_medians(run: Run) -> list[tuple[str, float]]:
+    """(stage, median ms per step summed over its tags) for every time/* topic of ``run``."""
     out = []
     for topic in sorted(t for t in run.by_topic if t.startswith("time/")):
         v = run.series(topic, how="sum")[2]
@@ -188,7 +189,8 @@ def _stages(run: Run) -> list[tuple[str, float]]:
     return out
 
 
-def _step_times(run: Run) -> np.ndarray:
+def step_times(run: Run) -> np.ndarray:
+    """The finite step/time_ms values of ``run``."""
     v = run.series("step/time_ms")[2]
     return v[np.isfinite(v)]
 
@@ -211,7 +213,7 @@ def comparison_rows(runs: list[Run], topic: str | None, target: float | None) ->
         rows.append((f"best {label}", bests))
     meds, p95s, walls = [], [], []
     for r in runs:
-        st = _step_times(r)
+        st = step_times(r)
         meds.append(float(np.median(st)) if st.size else math.nan)
         p95s.append(float(np.percentile(st, 95)) if st.size else math.nan)
         w = [x.get("wall_time") or 0.0 for x in r.records]
@@ -240,8 +242,8 @@ def render(runs: list[Run], topic: str | None = None, target: float | None = Non
             shown = "; ".join(f"line {n}: {why}" for n, why in r.bad[:5])
             more = f" (+{len(r.bad) - 5} more)" if len(r.bad) > 5 else ""
             lines.append(f"   {len(r.bad)} bad line(s) skipped: {shown}{more}")
-        st = _step_times(r)
-        stages = _stages(r)
+        st = step_times(r)
+        stages = stage_medians(r)
         if stages:
             step_med = float(np.median(st)) if st.size else math.nan
             lines.append(f"   {'stage':<32} {'median ms':>11} {'of step':>8}")

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from probe.report import KEY_DIAGNOSTICS, Run, _stages, _step_times, time_to_target
+from probe.report import KEY_DIAGNOSTICS, Run, stage_medians, step_times, time_to_target
 
 
 def _plt():
@@ -78,8 +78,8 @@ def _target(plt, runs: list[Run], topic: str | None, target: float | None, path:
 
 
 def _stage_breakdown(plt, runs: list[Run], path: str) -> bool:
-    per_run = [dict(_stages(r)) for r in runs]
-    steps = [_step_times(r) for r in runs]
+    per_run = [dict(stage_medians(r)) for r in runs]
+    steps = [step_times(r) for r in runs]
     if not any(per_run) and not any(s.size for s in steps):
         return False
     names = sorted({n for d in per_run for n in d})
