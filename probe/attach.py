@@ -12,6 +12,7 @@ import torch
 
 import hooks
 from dashboards import JSONLines, Summary, TensorBoard
+from dashboards.tensorboard import check_hparams
 from probe.names import parameter_names
 from probe.stats import abs_sums, step_stats, value_sample
 
@@ -26,7 +27,8 @@ class Probe:
                  logdir: str | os.PathLike | None = None, every: int = 10,
                  collectors: Iterable[Any] | None = None, bus: hooks.Bus | None = None,
                  profile: bool = False, gpu: str | bool = "auto",
-                 histograms: bool = True) -> None:
+                 histograms: bool = True, hparams: dict | None = None) -> None:
+        hparams = check_hparams(hparams)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, "
                              f"got {type(optimizer).__name__}")
@@ -68,7 +70,7 @@ class Probe:
             collectors = []
             if self.logdir is not None:
                 os.makedirs(self.logdir, exist_ok=True)
-                collectors = [TensorBoard(self.logdir),
+                collectors = [TensorBoard(self.logdir, hparams=hparams),
                               JSONLines(os.path.join(self.logdir, "events.jsonl"))]
         self.collectors = [self.summary_collector, *collectors]
         self._subs = [self.bus.subscribe(c, "*") for c in self.collectors]
@@ -218,8 +220,10 @@ class Probe:
 def attach(optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
            logdir: str | os.PathLike | None = None, every: int = 10,
            collectors: Iterable[Any] | None = None, bus: hooks.Bus | None = None,
-           profile: bool = False, gpu: str | bool = "auto", histograms: bool = True) -> Probe:
+           profile: bool = False, gpu: str | bool = "auto", histograms: bool = True,
+           hparams: dict | None = None) -> Probe:
     """Observe ``optimizer``: step time, gradient/update statistics and anomalies, delivered to
-    TensorBoard + JSON lines in ``logdir`` (or to ``collectors``) every ``every`` steps."""
+    TensorBoard + JSON lines in ``logdir`` (or to ``collectors``) every ``every`` steps;
+    ``hparams`` (name -> bool/int/float/str) go to TensorBoard's HParams dashboard."""
     return Probe(optimizer, model=model, logdir=logdir, every=every, collectors=collectors,
-                 bus=bus, profile=profile, gpu=gpu, histograms=histograms)
+                 bus=bus, profile=profile, gpu=gpu, histograms=histograms, hparams=hparams)

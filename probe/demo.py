@@ -82,7 +82,9 @@ def train(name: str, steps: int, batch: int, every: int, logdir: str, seed: int,
     steps_per_epoch = max(1, len(xtr) // batch)
     bar = _bar(steps, name, progress)
     t0 = time.perf_counter()
-    with probe.attach(inner, model=model, logdir=logdir, every=every) as p:
+    hparams = {"optimizer": name, "lr": float(inner.param_groups[0]["lr"]), "steps": steps,
+               "batch": batch, "every": every, "seed": seed}
+    with probe.attach(inner, model=model, logdir=logdir, every=every, hparams=hparams) as p:
         step = 0
         while step < steps:
             perm = torch.randperm(len(xtr), generator=g)
@@ -197,4 +199,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("View them with:")
     print(f"  tensorboard --logdir {args.runs}")
+    print(f"  probe report {' '.join(r['logdir'] for r in results)} "
+          f"--plots {os.path.join(args.runs, stamp + '-plots')}")
     return 0
