@@ -228,11 +228,12 @@ class Bus:
         self._timers.append((topic, timer, tags, self._step, time.time()))
 
     # -- step boundaries -----------------------------------------------------------------
-    def begin_step(self, step: int) -> None:
-        """Open step ``step``; it is sampled when ``step % every == 0``."""
+    def begin_step(self, step: int, sampled: bool | None = None) -> None:
+        """Open step ``step``; it is sampled when ``step % every == 0`` unless ``sampled``
+        says otherwise (the probe samples every step the profiler traces)."""
         self._step = int(step)
         self._in_step = True
-        self._sampled = self._step % self._every == 0
+        self._sampled = self._step % self._every == 0 if sampled is None else bool(sampled)
 
     def end_step(self) -> None:
         """Resolve the step's values in one batch per device and deliver them."""
