@@ -177,3 +177,17 @@ def test_tensorboard_profiler_plugin_lists_the_run(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_demo_profile_writes_a_trace(tmp_path, capsys):
+    from probe.cli import main
+
+    rc = main(["demo", "--optimizer", "adamw", "--steps", "8", "--every", "5", "--profile",
+               "--runs", str(tmp_path), "--name", "p", "--no-progress"])
+    assert rc == 0
+    files = glob.glob(str(tmp_path / "p-adamw" / "*.pt.trace.json"))
+    assert len(files) == 1 and "profiler trace:" in capsys.readouterr().out
+    events = _load(files[0])
+    assert len([e for e in events if e.get("name", "").startswith("ProfilerStep#")]) == 3
+    counters = {e["name"] for e in events if e.get("ph") == "C"}
+    assert {"grad/norm", "update/ratio", "step/time_ms", "train/loss"} <= counters
