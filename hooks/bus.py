@@ -210,17 +210,17 @@ class Bus:
         profiling = _profiler_enabled()
         if not timed and not profiling:
             return NULL_SPAN
-        cuda = (self.device if device is None else torch.device(device)).type == "cuda"
-        if not profiling and not cuda:
+        dev = self.device if device is None else torch.device(device)
+        if not profiling and dev.type != "cuda":
             return CpuSpan(self, topic, tags)
-        return Span(self, topic, tags, timed, cuda, mark=True)
+        return Span(self, topic, tags, timed, dev if dev.type == "cuda" else None, mark=True)
 
     def timer(self, topic: str, device: torch.device | str | None = None, **tags: Any):
         """Like ``span`` but emits the elapsed ms under ``topic`` itself, with no profiler range."""
         if not self.wants(topic):
             return NULL_SPAN
         dev = self.device if device is None else torch.device(device)
-        return Span(self, topic, tags, True, dev.type == "cuda", mark=False)
+        return Span(self, topic, tags, True, dev if dev.type == "cuda" else None, mark=False)
 
     def _add_elapsed(self, topic: str, ms: float, tags: dict) -> None:
         # the span was opened because the topic is wanted: skip emit's checks but the bound

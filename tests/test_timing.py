@@ -124,5 +124,6 @@ def test_cuda_span_matches_an_independent_event_pair():
     e.record()
     bus.end_step()
     bus.close()
+    torch.cuda.synchronize()
     (ms,) = rec.values("time/test/mm")
     assert 0 < ms <= s.elapsed_time(e) * 1.05
