@@ -193,3 +193,23 @@ def test_real_nvml_on_the_device_in_use():
     assert 0 <= w["gpu/utilization"][1] <= 100
     assert 1 < w["gpu/power"][1] < 2000 and 0 < w["gpu/temperature"][1] < 120
     assert w["gpu/sm_clock"][1] > 0
+
+
+@pytest.mark.cuda
+def test_probe_auto_samples_the_device_in_use():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    model = torch.nn.Linear(512, 512).to(dev)
+    opt = torch.optim.AdamW(model.parameters())
+    rec = Recorder()
+    with probe.attach(opt, model=model, every=5, collectors=[rec]) as p:
+        assert p.sampler is not None and p.sampler.status is None and p.sampler.running
+        for _ in range(10):
+            model(torch.randn(64, 512, device=dev)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            time.sleep(0.05)
+    assert not p.sampler.running
+    util = [e for e in rec.events if e.topic == "gpu/utilization"]
+    assert {e.param for e in util} == {f"{dev}/mean", f"{dev}/max"}
+    assert {e.step for e in util} <= {0, 5}
+    assert rec.values("cuda/memory_allocated", str(dev))[-1] > 512 * 512 * 4
