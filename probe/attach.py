@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 import hooks
-from dashboards import JSONLines, Summary, TensorBoard
+from dashboards import JSONLines, Profiler, Summary, TensorBoard
 from dashboards.tensorboard import check_hparams
+from probe.gpu import Sampler
 from probe.names import parameter_names
 from probe.stats import abs_sums, step_stats, value_sample
 
@@ -41,6 +42,8 @@ class Probe:
             raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
         if not isinstance(profile, bool):
             raise ValueError(f"profile must be True or False, got {profile!r}")
+        if profile and logdir is None:
+            raise ValueError("profile=True needs a logdir to write the traces to")
         collectors = list(collectors) if collectors is not None else None
         if collectors is not None:
             for c in collectors:
@@ -72,10 +75,27 @@ class Probe:
                 os.makedirs(self.logdir, exist_ok=True)
                 collectors = [TensorBoard(self.logdir, hparams=hparams),
                               JSONLines(os.path.join(self.logdir, "events.jsonl"))]
+        self.profiler: Profiler | None = Profiler(self.logdir) if profile else None
+        if self.profiler is not None:
+            collectors = [*collectors, self.profiler]
         self.collectors = [self.summary_collector, *collectors]
         self._subs = [self.bus.subscribe(c, "*") for c in self.collectors]
+        self.sampler = self._make_sampler(gpu)
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
+        self._profile_due = False
+        if self.profiler is not None:
+            # with a model the profiler steps at the next forward, so ProfilerStep#k
+            # ranges (forward, backward, step) nest; without one they are left out
+            self.profiler.start(self._step, step_markers=model is not None)
+            if model is not None:
+                self._handles.append(model.register_forward_pre_hook(self._forward_pre))
+
+    def _make_sampler(self, gpu: str | bool) -> Sampler | None:
+        cuda = self.bus.device.type == "cuda"
+        if gpu is False or (gpu == "auto" and not cuda):
+            return None
+        return Sampler([self.bus.device] if cuda else None)
 
     # -- parameters ----------------------------------------------------------------------
     def _params(self) -> tuple[list[torch.Tensor], list[dict]]:
@@ -101,7 +121,14 @@ class Probe:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         t0 = time.perf_counter()
         bus = self.bus
-        bus.begin_step(self._step)
+        prof = self.profiler
+        if prof is not None and self._profile_due:  # no forward ran since the last step
+            self._profile_due = False
+            prof.step(self._step)
+        # a traced step is always sampled, so its trace carries the step's telemetry
+        bus.begin_step(self._step, sampled=True if prof is not None and prof.recording else None)
+        if prof is not None:
+            prof.mark(self._step)
         params, tags = self._params()
         if params and bus.wants("anomaly/nonfinite"):
             self._check_nonfinite(bus, params, tags)
@@ -136,8 +163,20 @@ class Probe:
             self._before = None
             if bus.wants("probe/overhead_ms"):
                 bus.emit("probe/overhead_ms", (self._overhead + time.perf_counter() - t0) * 1e3)
+            if self.sampler is not None and (bus.sampled or self.sampler.status is not None):
+                self.sampler.emit(bus)
             bus.end_step()
             self._step += 1
+            if self.profiler is not None:
+                if self.model is not None:
+                    self._profile_due = True
+                else:
+                    self.profiler.step(self._step)
+
+    def _forward_pre(self, module, args) -> None:
+        if self._profile_due:
+            self._profile_due = False
+            self.profiler.step(self._step)
 
     def _sampled_stats(self, bus: hooks.Bus) -> None:
         params, tags = self._params()
@@ -205,6 +244,8 @@ class Probe:
         self._closed = True
         self.detach()
         try:
+            if self.sampler is not None:
+                self.sampler.close()
             self.bus.flush()
         finally:
             for sub in self._subs:
