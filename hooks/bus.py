@@ -289,9 +289,10 @@ class Bus:
             self.host_transfers += 1
             if device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
+                with torch.cuda.device(device):  # copy and event on the values' own device
+                    host.copy_(flat, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(torch.cuda.current_stream(device))
                 self._inflight.append(_InFlight(ev, host, [(p, t.numel(), sampled)
                                                            for p, t in items]))
             else:
