@@ -71,7 +71,7 @@ def test_jsonl_recovers_whole_lines_after_a_failed_write(tmp_path, monkeypatch):
         closed = False
 
         def write(self, data):
-            real.write(bytes(data[: len(data) // 2]))
+            real.write(bytes(data[: bytes(data).index(b"\n") + 6]))
             raise OSError(28, "No space left on device")
 
     j._file = HalfThenFull()
