@@ -28,6 +28,8 @@ class CheckpointHooks:
         ]
 
     def _save(self, optimizer, state_dict: dict) -> dict:
+        # deliver what is pending first, so the aggregates include everything logged so far
+        self.probe.flush()
         state_dict[KEY] = self.probe._checkpoint_state()
         return state_dict
 

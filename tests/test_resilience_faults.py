@@ -254,3 +254,41 @@ def test_a_hostile_group_name_is_sanitized_in_every_written_tag(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run"]
     good, bad = read_events(tmp_path / "run" / "events.jsonl")
     assert not bad and {r["tags"].get("param") for r in good} - {None} == {"____escape"}
+
+
+class _Stubborn(torch.optim.Optimizer):
+    """Moves state and parameters even without gradients: what the restore layer is for."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1, "decay": 0.5})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["lr"] *= group["decay"]  # a schedule kept in the group
+            for p in group["params"]:
+                st = self.state[p]
+                st["count"] = st.get("count", 0) + 1
+                st.setdefault("trace", torch.zeros_like(p)).add_(p)
+                st.pop("scratch", None)
+                p.mul_(0.9)  # decays with or without a gradient
+
+
+def test_skip_restores_an_optimizer_that_moves_without_gradients():
+    w = nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    opt = _Stubborn([w])
+    with probe.attach(opt, collectors=[Recorder()], bus=hooks.Bus(), on_nonfinite="skip") as p:
+        w.grad = torch.ones(2, 3)
+        opt.step()
+        opt.state[w]["scratch"] = torch.ones(1)
+        saved_w, saved_trace = w.detach().clone(), opt.state[w]["trace"]
+        trace_copy = saved_trace.clone()
+        w.grad = torch.full((2, 3), float("nan"))
+        opt.step()
+        assert p.skipped_steps == 1
+    assert torch.equal(w.detach(), saved_w)
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.5
+    assert opt.state[w]["count"] == 1
+    assert opt.state[w]["trace"] is saved_trace and torch.equal(saved_trace, trace_copy)
+    assert torch.equal(opt.state[w]["scratch"], torch.ones(1))
+    assert torch.isnan(w.grad).all()  # the user still sees the gradient that was refused
