@@ -13,6 +13,7 @@ import torch
 
 import hooks
 from dashboards import JSONLines, Summary, TensorBoard
+from dashboards.background import Background
 from probe import distributed
 from probe.checkpoint import CheckpointHooks
 from probe.names import parameter_names
@@ -91,6 +92,9 @@ class Probe:
             collectors = []
             if self.logdir is not None:
                 collectors = self._default_collectors(self.logdir)
+        for c in collectors:  # a Background collector's drops count in probe/dropped_events
+            if isinstance(c, Background) and c.bus is None:
+                c.bus = self.bus
         self.collectors = [self.summary_collector, *collectors]
         routed = self.collectors if self.ranks is None else \
             [distributed.RankTagged(c, self.ranks[0]) for c in self.collectors]

@@ -40,12 +40,24 @@ class Raising:
         raise RuntimeError("collector bug")
 
 
-@pytest.mark.parametrize("broken", ["raises", "enospc"])
-def test_failing_collector_is_isolated_counted_and_reported_once(broken, capsys):
+def _broken_collector(kind, tmp_path):
+    if kind == "raises":
+        return Raising()
+    if kind == "enospc":
+        return JSONLines("/dev/full")  # the kernel answers every write with ENOSPC
+    # a folder gone read-only under the run (a remount): the kernel refuses the writes
+    j = JSONLines(tmp_path / "events.jsonl")
+    j._file.close()
+    j._file = open(os.open(j.path, os.O_RDONLY), "ab", buffering=0)  # noqa: SIM115
+    return j
+
+
+@pytest.mark.parametrize("broken", ["raises", "enospc", "readonly"])
+def test_failing_collector_is_isolated_counted_and_reported_once(broken, capsys, tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = Recorder()
-    bad = Raising() if broken == "raises" else JSONLines("/dev/full")  # a real ENOSPC
+    bad = _broken_collector(broken, tmp_path)
     bus = hooks.Bus()
     with probe.attach(opt, model=model, every=1, collectors=[bad, rec], bus=bus):
         for s in range(5):
@@ -292,3 +304,42 @@ def test_skip_restores_an_optimizer_that_moves_without_gradients():
     assert opt.state[w]["trace"] is saved_trace and torch.equal(saved_trace, trace_copy)
     assert torch.equal(opt.state[w]["scratch"], torch.ones(1))
     assert torch.isnan(w.grad).all()  # the user still sees the gradient that was refused
+
+
+@pytest.mark.cuda
+def test_skip_on_cuda_is_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with probe.attach(opt, model=model, every=1, collectors=[Recorder()], bus=hooks.Bus(),
+                      on_nonfinite="skip") as p:
+        model(torch.randn(8, 64, device="cuda")).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        saved = [t.detach().clone() for t in model.parameters()]
+        state = [{k: v.clone() for k, v in opt.state[t].items()} for t in model.parameters()]
+        model(torch.randn(8, 64, device="cuda")).square().mean().backward()
+        model.weight.grad[3, 3] = float("inf")
+        opt.step()
+        assert p.skipped_steps == 1
+    for t, v, st in zip(model.parameters(), saved, state):
+        assert torch.equal(t.detach(), v)
+        for k, x in st.items():
+            assert torch.equal(opt.state[t][k], x)
+
+
+def test_read_events_never_evaluates_what_it_reads(tmp_path):
+    import pickle
+
+    path = tmp_path / "events.jsonl"
+    flag = tmp_path / "pwned"
+    payload = pickle.dumps(eval)  # bytes a careless reader would unpickle
+    path.write_bytes(b'{"topic":"train/loss","step":0,"value":1.0}\n'
+                     + payload + b"\n"
+                     + f'__import__("os").mknod("{flag}")\n'.encode()
+                     + b'{"topic":"train/loss","step":1}\n'
+                     + b'[1, 2]\n')
+    good, bad = read_events(path)
+    assert [r["step"] for r in good] == [0]
+    assert [n for n, _ in bad] == [2, 3, 4, 5]  # every refusal is reported with its line
+    assert not flag.exists()

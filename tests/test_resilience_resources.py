@@ -43,7 +43,7 @@ def test_100k_steps_with_a_slow_collector_keep_memory_flat_and_count_drops():
     opt = torch.optim.SGD([w], lr=0.0)
     bus = hooks.Bus()
     slow = Slow()
-    bg = Background(slow, max_batches=64, bus=bus)
+    bg = Background(slow, max_batches=64)
     p = probe.attach(opt, every=1, collectors=[bg], bus=bus, histograms=False)
     pre, post = p._pre_step, p._post_step  # the hooks themselves, without a real step
     rss = {}
@@ -55,6 +55,7 @@ def test_100k_steps_with_a_slow_collector_keep_memory_flat_and_count_drops():
             assert bg.pending() <= 64
     growth = rss[99_999] - rss[10_000]
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 90k steps"
+    assert bg.bus is bus  # attach wired the drops into probe/dropped_events
     assert bg.dropped > 0 and bus.dropped_events == bg.dropped  # counted, not hidden
     assert p.summary()["probe/dropped_events"]["last"] > 0
     assert len(p.summary()) < 50  # aggregates per tag, not per step
