@@ -198,13 +198,14 @@ class Probe:
 
     def _sampled_stats(self, bus: hooks.Bus) -> None:
         params, tags = self._params()
-        if self.reduce is not None:
+        if self.reduce is not None:  # the collective runs even when this rank has no grads
             self._reduced_stats(bus, params, tags)
-            return
         if not params:
             return
         grads = [p.grad for p in params]
-        if self._before is not None and len(self._before) == len(params):
+        if self.reduce is not None:
+            pass  # norms, ratios and cosines came reduced; histograms below stay local
+        elif self._before is not None and len(self._before) == len(params):
             stats = step_stats(self._before, [p.detach() for p in params], grads)
             for topic in _STAT_TOPICS:
                 bus.emit_each(topic, stats[topic], tags)
