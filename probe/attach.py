@@ -61,6 +61,15 @@ class Probe:
             for c in collectors:
                 if not callable(getattr(c, "handle", None)):
                     raise ValueError(f"collectors must have a handle(events) method, got {c!r}")
+        self.ranks = distributed.rank_and_world()
+        if reduce is not None and self.ranks is None:
+            raise ValueError("reduce needs torch.distributed to be initialized; "
+                             "use reduce=None for a single process")
+        if reduce is not None:  # a mismatch would hang the first reduction: refuse it now
+            distributed.check_same_on_all_ranks(
+                {"every": every,
+                 "the number of parameters": sum(len(g["params"])
+                                                 for g in optimizer.param_groups)})
         self.optimizer = optimizer
         self.model = model
         self.logdir = os.fspath(logdir) if logdir is not None else None
@@ -69,10 +78,6 @@ class Probe:
         self.histograms = histograms
         self.on_nonfinite = on_nonfinite
         self.reduce = reduce
-        self.ranks = distributed.rank_and_world()
-        if reduce is not None and self.ranks is None:
-            raise ValueError("reduce needs torch.distributed to be initialized; "
-                             "use reduce=None for a single process")
         self._skipping: SkippedStep | None = None
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
         if first is not None:

@@ -50,6 +50,19 @@ class RankTagged:
             close()
 
 
+def check_same_on_all_ranks(values: dict[str, int]) -> None:
+    """Raise ValueError naming the first setting that differs between ranks (one collective):
+    a reduction with mismatched ``every`` or parameter counts would hang or mix tensors."""
+    v = torch.tensor([float(x) for x in values.values()], dtype=torch.float64)
+    both = torch.cat([v, -v])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    hi, lo = both[:len(v)], -both[len(v):]
+    for (name, _), a, b in zip(values.items(), lo.tolist(), hi.tolist()):
+        if a != b:
+            raise ValueError(f"{name} must be the same on every rank when reduce is set, "
+                             f"got values from {a:g} to {b:g}")
+
+
 def reduce_stats(rows: torch.Tensor, present: torch.Tensor, totals: torch.Tensor,
                  op: str, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce per-parameter ``rows`` (K x P; ``present`` marks the columns this rank has) and

@@ -31,6 +31,11 @@ def _worker(rank: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2, timeout=timedelta(seconds=30))
     local = {}
+    lonely = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    try:  # different sampling periods would hang the first reduction: both ranks refuse
+        probe.attach(lonely, every=2 + rank, reduce="mean", collectors=[], bus=hooks.Bus())
+    except ValueError as exc:
+        local["mismatch"] = str(exc)
     for reduce in ("mean", "max"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -70,6 +75,8 @@ def test_two_gloo_ranks_tag_write_reduce_and_never_deadlock(tmp_path):
             if proc.is_alive():
                 proc.kill()
     local = [json.load(open(tmp_path / f"local-rank{r}.json")) for r in (0, 1)]
+    for r in (0, 1):
+        assert local[r]["mismatch"].startswith("every must be the same on every rank")
     for reduce in ("mean", "max"):
         run = tmp_path / reduce
         files = sorted(os.listdir(run))
