@@ -63,7 +63,7 @@ def test_100k_steps_with_a_slow_collector_keep_memory_flat_and_count_drops():
             rss[i] = _rss_bytes()
             assert bg.pending() <= 64 and not bus._pending
     growth = rss[100_199] - rss[10_000]
-    assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 90k steps"
+    assert growth < 32 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 90k steps"
     assert bg.bus is bus  # attach wired the drops into probe/dropped_events
     assert bg.dropped > 0 and bus.dropped_events == bg.dropped  # counted, not hidden
     summary = p.summary()
