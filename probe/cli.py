@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from probe import demo
+from probe import benchtable, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small conv net on digits under the probe")
     demo.add_arguments(d)
     d.set_defaults(func=demo.run)
+    b = sub.add_parser("bench-table", help="markdown table of the gates in a bench.json")
+    benchtable.add_arguments(b)
+    b.set_defaults(func=benchtable.run)
     return ap
 
 

@@ -29,6 +29,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "noisy machines; default 1.0)")
     group.addoption("--probe-gate-report-only", action="store_true", default=False,
                     help="measure and report gate ratios without failing the test")
+    group.addoption("--probe-gate-max-rounds", type=int, default=None, metavar="N",
+                    help="cap every gate's rounds (explicit or auto) at N >= 3, to bound the "
+                         "time of a whole bench run")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,6 +39,9 @@ def pytest_configure(config: pytest.Config) -> None:
     slack = config.getoption("--probe-gate-slack", 1.0)
     if slack is not None and not (math.isfinite(slack) and slack > 0):
         raise pytest.UsageError(f"--probe-gate-slack must be a finite number > 0, got {slack}")
+    cap = config.getoption("--probe-gate-max-rounds", None)
+    if cap is not None and cap < 3:
+        raise pytest.UsageError(f"--probe-gate-max-rounds must be an int >= 3, got {cap}")
     config.stash[_RESULTS] = []
 
 
@@ -110,6 +116,7 @@ def probe_gate(benchmark, request) -> Callable[..., GateResult]:
     config = request.config
     slack = config.getoption("--probe-gate-slack")
     report_only = config.getoption("--probe-gate-report-only")
+    cap = config.getoption("--probe-gate-max-rounds")
 
     def gate(candidate: Callable[[], Any], baseline: Callable[[], Any],
              max_ratio: float = 1.05, *, warmup: int = 3, rounds: int | None = None,
@@ -131,6 +138,8 @@ def probe_gate(benchmark, request) -> Callable[..., GateResult]:
         for _ in range(max(warmup, 1 if rounds is None else 0)):
             pair = _timed(base, timer, disable_gc) + _timed(cand, timer, disable_gc)
         n_rounds = rounds if rounds is not None else _auto_rounds(config, pair)
+        if cap is not None:
+            n_rounds = min(n_rounds, cap)
         base_times: list[float] = []
         # Baseline before the candidate in even rounds, after it in odd ones (B A A B B A ...):
         # whichever runs second in a pair tends to run warmer, so no side keeps that edge.

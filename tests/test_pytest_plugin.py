@@ -171,6 +171,14 @@ def test_rounds_interleave_abba_after_warmup(run, pytester):
     assert (pytester.path / "order.txt").read_text() == "BABA" + "BAAB" * 3
 
 
+def test_max_rounds_caps_explicit_rounds(run, pytester):
+    pytester.makepyfile(test_order=ORDER.replace("r.rounds == 6", "r.rounds == 4"))
+    run("test_order.py", "--probe-gate-max-rounds=4").assert_outcomes(passed=1)
+    assert (pytester.path / "order.txt").read_text() == "BABA" + "BAAB" * 2
+    res = run("test_order.py", "--probe-gate-max-rounds=2")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+
+
 AUTO = '''
 import pathlib
 import time
@@ -219,3 +227,12 @@ def test_not_callable(probe_gate):
 def test_bad_arguments_raise_before_any_work(run, pytester):
     pytester.makepyfile(test_bad=BAD)
     run("test_bad.py").assert_outcomes(passed=6)
+
+
+def test_the_documented_example_gate_runs(run, pytester):
+    text = (ROOT / "docs" / "gates.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    pytester.makepyfile(test_example=example)
+    res = run("test_example.py", "--benchmark-max-time=0.05", "--probe-gate-report-only")
+    res.assert_outcomes(passed=1)
+    res.stdout.fnmatch_lines(["test_probe_costs_under_5_percent: ratio * (bound 1.050)*"])
