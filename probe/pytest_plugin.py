@@ -117,11 +117,16 @@ def probe_gate(benchmark, request) -> Callable[..., GateResult]:
     slack = config.getoption("--probe-gate-slack")
     report_only = config.getoption("--probe-gate-report-only")
     cap = config.getoption("--probe-gate-max-rounds")
+    used = []
 
     def gate(candidate: Callable[[], Any], baseline: Callable[[], Any],
              max_ratio: float = 1.05, *, warmup: int = 3, rounds: int | None = None,
              inner: int = 1, label: str | None = None) -> GateResult:
         _check_args(candidate, baseline, max_ratio, warmup, rounds, inner)
+        if used:
+            raise RuntimeError("probe_gate can be called once per test (pytest-benchmark keeps "
+                               "one result per test); parametrize the test for several gates")
+        used.append(True)
         name = label or request.node.name
         if hasattr(config, "workerinput") or benchmark.disabled:
             # Still run both once, so a broken gate shows up in a plain (or -n) test run.

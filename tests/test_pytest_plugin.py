@@ -50,7 +50,9 @@ def run(pytester, monkeypatch):
     monkeypatch.setenv("OPTPROBE_STRICT_TOPICS", "1")
     pytester.makepyfile(test_gates=GATES)
 
-    def go(*args):
+    def go(*args, subprocess=False):
+        if subprocess:  # for inner tests importing torch modules: pytester would unload them
+            return pytester.runpytest_subprocess(*PLUGINS, "-p", "no:cacheprovider", *args)
         # The outer session imported the plugin already, so the inner one cannot rewrite it.
         return pytester.runpytest_inprocess(*PLUGINS, "-p", "no:cacheprovider", "-W",
                                             "ignore::pytest.PytestAssertRewriteWarning", *args)
@@ -153,6 +155,8 @@ def test_benchmark_disable_smoke_runs_once_then_skips(run, pytester):
 ORDER = '''
 import pathlib
 
+import pytest
+
 log = []
 
 
@@ -161,6 +165,8 @@ def test_order(probe_gate):
                    warmup=2, rounds=6)
     pathlib.Path("order.txt").write_text("".join(log))
     assert r.rounds == 6
+    with pytest.raises(RuntimeError, match="once per test"):
+        probe_gate(lambda: None, lambda: None)
 '''
 
 
@@ -233,6 +239,7 @@ def test_the_documented_example_gate_runs(run, pytester):
     text = (ROOT / "docs" / "gates.md").read_text()
     example = text.split("```python\n", 1)[1].split("```", 1)[0]
     pytester.makepyfile(test_example=example)
-    res = run("test_example.py", "--benchmark-max-time=0.05", "--probe-gate-report-only")
+    res = run("test_example.py", "--benchmark-max-time=0.05", "--probe-gate-report-only",
+              subprocess=True)
     res.assert_outcomes(passed=1)
     res.stdout.fnmatch_lines(["test_probe_costs_under_5_percent: ratio * (bound 1.050)*"])
