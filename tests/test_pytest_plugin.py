@@ -32,12 +32,12 @@ def fast():
 
 
 def test_slower(probe_gate):
-    r = probe_gate(slow, fast, max_ratio=1.5, warmup=1, rounds=9)
+    r = probe_gate(slow, fast, max_ratio=1.5, warmup=1, rounds=15)
     pathlib.Path("ratio.txt").write_text(repr(r.ratio))
 
 
 def test_equal(probe_gate):
-    r = probe_gate(fast, fast, max_ratio=1.5, warmup=1, rounds=9)
+    r = probe_gate(fast, fast, max_ratio=1.5, warmup=1, rounds=15)
     pathlib.Path("ratio.txt").write_text(repr(r.ratio))
 '''
 
@@ -88,7 +88,7 @@ def test_ratio_lands_in_benchmark_json(run, pytester):
     assert extra["probe_gate_ratio"] == float((pytester.path / "ratio.txt").read_text())
     # Recompute from the raw timings pytest-benchmark kept, independently of the plugin.
     cand = info["stats"]["data"]
-    assert len(cand) == 9 and len(extra["baseline_times_s"]) == 9
+    assert len(cand) == 15 and len(extra["baseline_times_s"]) == 15
     ratio = statistics.median(cand) / statistics.median(extra["baseline_times_s"])
     assert extra["probe_gate_ratio"] == pytest.approx(ratio, rel=1e-12)
     assert 1.5 < extra["probe_gate_ratio"] < 4.0
