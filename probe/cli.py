@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from probe import demo, report, tensorboard_cmd
+from probe import benchtable, demo, report, tensorboard_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tensorboard", help="serve a run folder with TensorBoard")
     tensorboard_cmd.add_arguments(t)
     t.set_defaults(func=tensorboard_cmd.run)
+    b = sub.add_parser("bench-table", help="markdown table of the gates in a bench.json")
+    benchtable.add_arguments(b)
+    b.set_defaults(func=benchtable.run)
     return ap
 
 
