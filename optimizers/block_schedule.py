@@ -353,7 +353,8 @@ class BlockSchedule(torch.optim.Optimizer):
             loss = out
         with self.bus.span("blocks/select"):
             self._record_loss(loss)
-            if k == n:
+            # a step whose gradients were all hidden (a skipped step) measures nothing
+            if k == n and any(p.grad is not None for p in self._flat):
                 s = block_relevance([p.grad for p in self._flat], self._flat, self._index, n,
                                     self.eps)
                 self._ema = ema_update(self._ema, s, self.beta)
@@ -473,7 +474,10 @@ class BlockSchedule(torch.optim.Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus the schedule under ``"block_schedule"``."""
+        """The wrapped optimizer's state dict plus the schedule under ``"block_schedule"``
+        (the wrapper's own state-dict hooks run around it, as torch's would)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         sd[_STATE_KEY] = {
             "num_blocks": self.num_blocks,
@@ -494,19 +498,31 @@ class BlockSchedule(torch.optim.Optimizer):
             "stable": self._stable,
             "loss_hist": _to_host(self._loss_hist),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the wrapped optimizer and, when present, the schedule (``requires_grad``
         of the blocks follows the restored plan)."""
         sd = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, sd)
+            if out is not None:
+                sd = out
         sched = sd.pop(_STATE_KEY, None)
         if sched is not None and sched.get("num_blocks") != self.num_blocks:
             raise ValueError(f"state_dict is for {sched.get('num_blocks')} blocks, this "
                              f"schedule has {self.num_blocks}")
         self.optimizer.load_state_dict(sd)
-        if sched is None:
-            return
+        if sched is not None:
+            self._load_schedule(sched)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_schedule(self, sched: dict[str, Any]) -> None:
         self._t = int(sched["t"])
         self._ema = sched["ema"].to(device=self._device, dtype=torch.float32).clone()
         self._phase = sched["phase"]

@@ -15,10 +15,23 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hooks
+import optimizers
 import probe
 from tests.helpers import Recorder
 
+
+def _block_schedule(named):
+    # one block per layer of _model(); ParameterList holds the very same Parameter objects
+    layers: dict[str, list] = {}
+    for name, p in named:
+        layers.setdefault(name.split(".")[0], []).append(p)
+    blocks = [nn.ParameterList(ps) for ps in layers.values()]
+    return optimizers.BlockSchedule(torch.optim.AdamW([p for _, p in named], lr=1e-2),
+                                    blocks, threshold=0.6, probe_every=3, total_steps=20)
+
+
 OPTIMIZERS = {
+    "BlockSchedule": _block_schedule,
     "AdamW": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1),
     "SGD": lambda named: torch.optim.SGD([p for _, p in named], lr=0.05, momentum=0.9,
                                          nesterov=True, weight_decay=1e-4),
