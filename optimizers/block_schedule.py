@@ -351,7 +351,7 @@ class BlockSchedule(torch.optim.Optimizer):
         out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         if closure is not None:
             loss = out
-        with self.bus.span("blocks/select"):
+        with self.bus.span("blocks/select", device=self._device):
             self._record_loss(loss)
             # a step whose gradients were all hidden (a skipped step) measures nothing
             if k == n and any(p.grad is not None for p in self._flat):
