@@ -4,6 +4,7 @@ the custom-scalar layout of the tags actually written and the run's hyperparamet
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -11,6 +12,21 @@ from dashboards.layouts import build_layout
 from hooks import Event, topics
 
 _HPARAM_TYPES = (bool, int, float, str)
+_opened: dict[str, int] = {}  # logdir -> wall-clock second its last event file was opened
+
+
+def _next_file_second(logdir: str) -> None:
+    """Wait out the second if this process already opened an event file in ``logdir`` in it.
+
+    Event files are named ``...tfevents.<second>.<host>.<pid>.<counter>`` and TensorBoard reads
+    them in name order: within one second ``.10`` sorts before ``.9``, so a resumed run's file
+    would be read before the first one and TensorBoard would purge the earlier steps.
+    """
+    key = os.path.abspath(logdir)
+    now = time.time()
+    if _opened.get(key) == int(now):
+        time.sleep(int(now) + 1 - now + 1e-3)
+    _opened[key] = int(time.time())
 _METRICS = ("eval/accuracy", "eval/loss", "train/loss")
 
 
@@ -46,6 +62,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it lazy
 
         self.logdir = os.fspath(logdir)
+        _next_file_second(self.logdir)
         self.writer = SummaryWriter(log_dir=self.logdir, flush_secs=flush_secs,
                                     filename_suffix=filename_suffix)
         self.scalar_tags: dict[str, set[str]] = {}

@@ -78,7 +78,11 @@ class Probe:
         self.model = model
         self.logdir = os.fspath(logdir) if logdir is not None else None
         # a project optimizer carries the bus it emits on: the probe drives that one
-        self.bus = hooks.resolve_bus(bus if bus is not None else getattr(optimizer, "bus", None))
+        own = getattr(optimizer, "bus", None)
+        if bus is not None and isinstance(own, hooks.Bus) and own is not bus:
+            raise ValueError("bus: this optimizer emits on its own bus (optimizer.bus); pass "
+                             "that bus, or None to use it, so its telemetry reaches the probe")
+        self.bus = hooks.resolve_bus(bus if bus is not None else own)
         self.bus.every = every
         self.histograms = histograms
         self.on_nonfinite = on_nonfinite

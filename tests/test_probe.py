@@ -175,3 +175,13 @@ def test_bad_arguments_raise_before_any_work(kwargs, match):
 def test_non_optimizer_is_rejected():
     with pytest.raises(ValueError, match="optimizer"):
         probe.attach(object())
+
+
+def test_optimizer_with_its_own_bus_rejects_another():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.bus = hooks.Bus()
+    with pytest.raises(ValueError, match="bus"):
+        probe.attach(opt, bus=hooks.Bus())
+    with probe.attach(opt, collectors=[]) as p:
+        assert p.bus is opt.bus
