@@ -22,9 +22,9 @@ from optimizers.newton_schulz import (
     DEFAULT_COEFFICIENTS,
     EPS,
     check_ns_args,
+    newton_schulz,
     ns_diagnostics,
     ns_dtype_name,
-    orthogonalize,
     resolve_ns_dtype,
 )
 
@@ -279,21 +279,20 @@ class Muon(torch.optim.Optimizer):
         return buckets
 
     def _orthogonalize_bucket(self, key: tuple, items: list[_Item]
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              ) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Orthogonalize a bucket's updates in one call and apply them; returns the NS
         output (``[B, m, n]``) and the iterations each matrix ran."""
-        work, (steps, coeffs, tol) = key[4], key[5]
+        work, (steps, (a, b, c), tol) = key[4], key[5]
         if len(items) == 1:  # one matrix: the exact operations of torch.optim.Muon
-            res = orthogonalize(items[0].u, steps, coeffs, work, tol)
-            outs = [res.X]
-            X = res.X.unsqueeze(0)
+            X, iters = newton_schulz(items[0].u.to(work), steps, a, b, c, tol)
+            outs = [X]
+            X = X.unsqueeze(0)
         else:
             tall = [it.u.shape[0] > it.u.shape[1] for it in items]
-            G = torch.stack([u.mT if t else u for u, t in
-                             zip((it.u for it in items), tall)])
-            res = orthogonalize(G, steps, coeffs, work, tol)
-            X = res.X
+            G = torch.stack([it.u.mT if t else it.u for it, t in zip(items, tall)])
+            X, iters = newton_schulz(G.to(work), steps, a, b, c, tol)
             outs = [o.mT if t else o for o, t in zip(X.unbind(0), tall)]
+        # the NS output stays in the working dtype: add_ promotes it exactly, as torch does
         for it, o in zip(items, outs):
             p = it.p
             if it.wd != 0.0:
@@ -301,10 +300,10 @@ class Muon(torch.optim.Optimizer):
             p.add_(o.reshape(p.shape), alpha=-it.lr_adj)
             if it.normalize:
                 p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(EPS))
-        return X, res.iters
+        return X, iters
 
     def _bucket_telemetry(self, bus: hooks.Bus, items: list[_Item], X: torch.Tensor,
-                          iters: torch.Tensor) -> None:
+                          iters: int | torch.Tensor) -> None:
         """Per-parameter NS figures, one batched computation per bucket, kept on device."""
         want_res = bus.wants("muon/ns_residual")
         want_lo, want_hi = bus.wants("muon/sv_min"), bus.wants("muon/sv_max")
@@ -313,9 +312,15 @@ class Muon(torch.optim.Optimizer):
             return
         tags = [{"param": it.name} for it in items]
         if want_it:
+            if isinstance(iters, int):
+                iters = torch.full((len(items),), iters, dtype=torch.int64)
             bus.emit_each("muon/ns_iters", iters.reshape(-1).float(), tags)
+        fro = None
         if want_res or want_lo or want_hi:
-            d = ns_diagnostics(X, residual=want_res, singular_values=want_lo or want_hi)
+            # the update's RMS comes from the same Gram matrix: ||X||_F^2 = trace(X X^T)
+            d = ns_diagnostics(X, residual=want_res, singular_values=want_lo or want_hi,
+                               frobenius=want_rms)  # X is in NS's working dtype
+            fro = d.frobenius
             if want_res:
                 bus.emit_each("muon/ns_residual", d.residual, tags)
             if want_lo:
@@ -324,7 +329,9 @@ class Muon(torch.optim.Optimizer):
                 bus.emit_each("muon/sv_max", d.sv_max, tags)
         if want_rms:
             m, n = X.shape[-2:]
-            rms = torch.linalg.vector_norm(X.float(), dim=(-2, -1)) / math.sqrt(m * n)
+            if fro is None:
+                fro = torch.linalg.vector_norm(X.float(), dim=(-2, -1))
+            rms = fro / math.sqrt(m * n)
             scales = {it.lr_adj for it in items}
             if len(scales) == 1:
                 rms = rms * scales.pop()

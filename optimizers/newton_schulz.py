@@ -38,6 +38,7 @@ class NSDiagnostics(NamedTuple):
     residual: torch.Tensor | None
     sv_min: torch.Tensor | None
     sv_max: torch.Tensor | None
+    frobenius: torch.Tensor | None
 
 
 def ns_dtype_name(dtype: str | torch.dtype) -> str:
@@ -99,14 +100,28 @@ def orthogonalize(G: torch.Tensor, steps: int = 5,
         raise ValueError(f"G must be a floating tensor with at least 2 dims [..., m, n], got "
                          f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
     a, b, c = check_ns_args(steps, coefficients, tol)
-    work = resolve_ns_dtype(dtype, G.device)
-    batch = G.shape[:-2]
-    if G.ndim == 2:
-        X, iters = _ns_matrix(G.to(work), steps, a, b, c, tol)
-        return NSResult(X.to(G.dtype), torch.tensor(iters, dtype=torch.int64))
-    m, n = G.shape[-2:]
-    X, iters = _ns_batched(G.to(work).reshape(-1, m, n), steps, a, b, c, tol)
-    return NSResult(X.reshape(G.shape).to(G.dtype), iters.reshape(batch))
+    X, iters = newton_schulz(G.to(resolve_ns_dtype(dtype, G.device)), steps, a, b, c, tol)
+    if isinstance(iters, int):
+        iters = torch.full(G.shape[:-2], iters, dtype=torch.int64)
+    return NSResult(X.to(G.dtype), iters)
+
+
+def newton_schulz(X: torch.Tensor, steps: int, a: float, b: float, c: float,
+                  tol: float | None = None) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """The unchecked core of ``orthogonalize``: ``X`` already in the working dtype, the
+    result left in it; iterations as an int when every matrix ran the same number, else an
+    int64 CPU tensor of shape ``X.shape[:-2]``."""
+    if X.ndim == 2:
+        return _ns_matrix(X, steps, a, b, c, tol)
+    m, n = X.shape[-2:]
+    out, iters = _ns_batched(X.reshape(-1, m, n), steps, a, b, c, tol)
+    if tol is not None:
+        iters = iters.reshape(X.shape[:-2])
+        if bool((iters == steps).all()):
+            iters = steps
+    else:
+        iters = steps
+    return out.reshape(X.shape), iters
 
 
 def _ns_matrix(X: torch.Tensor, steps: int, a: float, b: float, c: float,
@@ -154,12 +169,15 @@ def _ns_batched(X: torch.Tensor, steps: int, a: float, b: float, c: float,
 
 
 def ns_diagnostics(X: torch.Tensor, residual: bool = True, singular_values: bool = True,
-                   exact_below: int = 64, lanczos_steps: int = 16) -> NSDiagnostics:
-    """Residual ||I - XX^T||_F/sqrt(m) (m the shorter side) and the singular value range of
-    each matrix of ``X`` (``[..., m, n]``), from one float32 Gram matrix of the shorter side.
+                   frobenius: bool = False, gram_dtype: torch.dtype | None = None,
+                   exact_below: int = 32, lanczos_steps: int = 16) -> NSDiagnostics:
+    """Residual ||I - XX^T||_F/sqrt(m) (m the shorter side), singular value range and
+    Frobenius norm of each matrix of ``X`` (``[..., m, n]``), all from one Gram matrix of
+    the shorter side, formed in ``gram_dtype`` (default X's; pass NS's working dtype so a
+    bf16 run does not pay an fp32 matmul) and read in float32.
 
-    Singular values are exact (``eigvalsh``) when the shorter side is below ``exact_below``,
-    else Lanczos estimates, which lie inside the true range [sv_min, sv_max].
+    Singular values are exact (``eigvalsh``) when the shorter side is at most
+    ``exact_below``, else Lanczos estimates, which lie inside the true range.
     """
     if not isinstance(X, torch.Tensor) or X.ndim < 2:
         raise ValueError(f"X must be a tensor with at least 2 dims [..., m, n], got "
@@ -169,12 +187,16 @@ def ns_diagnostics(X: torch.Tensor, residual: bool = True, singular_values: bool
     if isinstance(lanczos_steps, bool) or not isinstance(lanczos_steps, int) \
             or lanczos_steps < 2:
         raise ValueError(f"lanczos_steps must be an int >= 2, got {lanczos_steps!r}")
-    if not (residual or singular_values):
-        return NSDiagnostics(None, None, None)
-    Xf = X.float()
-    if Xf.shape[-2] > Xf.shape[-1]:
-        Xf = Xf.mT
-    A = Xf @ Xf.mT
+    if gram_dtype is not None and not (isinstance(gram_dtype, torch.dtype)
+                                       and gram_dtype.is_floating_point):
+        raise ValueError(f"gram_dtype must be None or a floating torch.dtype, "
+                         f"got {gram_dtype!r}")
+    if not (residual or singular_values or frobenius):
+        return NSDiagnostics(None, None, None, None)
+    Xg = X if gram_dtype is None else X.to(gram_dtype)
+    if Xg.shape[-2] > Xg.shape[-1]:
+        Xg = Xg.mT
+    A = (Xg @ Xg.mT).float()
     res = _residual_of_gram(A) if residual else None
     lo = hi = None
     if singular_values:
@@ -184,4 +206,5 @@ def ns_diagnostics(X: torch.Tensor, residual: bool = True, singular_values: bool
         else:
             lo, hi = lanczos_extreme_eigvalsh(A, lanczos_steps)
         lo, hi = lo.clamp_min(0).sqrt(), hi.clamp_min(0).sqrt()
-    return NSDiagnostics(res, lo, hi)
+    fro = A.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() if frobenius else None
+    return NSDiagnostics(res, lo, hi, fro)

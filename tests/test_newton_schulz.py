@@ -96,7 +96,7 @@ def test_residual_matches_direct_computation(shape):
 def test_singular_values_exact_when_small_and_bounded_estimates_when_large():
     G = torch.randn(4, 48, 80)
     X = orthogonalize(G).X
-    d = ns_diagnostics(X)  # 48 <= exact_below: eigvalsh of the Gram matrix
+    d = ns_diagnostics(X, exact_below=48)  # eigvalsh of the Gram matrix
     ref = np.array([svals(x) for x in X])
     np.testing.assert_allclose(d.sv_min.numpy(), ref.min(1), rtol=1e-4)
     np.testing.assert_allclose(d.sv_max.numpy(), ref.max(1), rtol=1e-4)
@@ -126,7 +126,7 @@ def test_lanczos_against_numpy_eigvalsh_and_after_breakdown():
     lo, hi = lanczos_extreme_eigvalsh(low_rank, steps=16)
     ev = np.linalg.eigvalsh(low_rank.numpy())
     assert torch.isfinite(lo).all() and torch.isfinite(hi).all()
-    np.testing.assert_allclose(hi.numpy(), ev[:, -1], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(hi.numpy(), ev[:, -1], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(lo.numpy(), [0.0, 0.0], atol=1e-9)
 
 
