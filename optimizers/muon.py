@@ -29,6 +29,7 @@ from optimizers.newton_schulz import (
 )
 
 ADJUST_LR = (None, "original", "match_rms_adamw")
+_NEEDS_GRAM = ("muon/ns_residual", "muon/sv_min", "muon/sv_max")
 DEFAULT_LR_FALLBACK = 3e-4  # the AdamW lr of Keller Jordan's MuonWithAuxAdam
 
 
@@ -225,11 +226,12 @@ class Muon(torch.optim.Optimizer):
         if buckets:
             first = next(iter(buckets.values()))[0].p
             with bus.span("muon/newton_schulz", device=first.device):
-                done = [(items, *self._orthogonalize_bucket(key, items))
+                diag = bus.sampled and any(bus.wants(t) for t in _NEEDS_GRAM)
+                done = [(items, *self._orthogonalize_bucket(key, items, diag))
                         for key, items in buckets.items()]
             if bus.sampled:  # outside the span: time/muon/newton_schulz is NS alone
-                for items, X, iters in done:
-                    self._bucket_telemetry(bus, items, X, iters)
+                for items, X, iters, gram in done:
+                    self._bucket_telemetry(bus, items, X, iters, gram)
         fallback = [g for g in self.param_groups if g["route"] == routing.FALLBACK
                     and any(p.grad is not None for p in g["params"])]
         if fallback:
@@ -278,19 +280,21 @@ class Muon(torch.optim.Optimizer):
                     group["normalize_weights"]))
         return buckets
 
-    def _orthogonalize_bucket(self, key: tuple, items: list[_Item]
-                              ) -> tuple[torch.Tensor, int | torch.Tensor]:
+    def _orthogonalize_bucket(self, key: tuple, items: list[_Item], gram: bool
+                              ) -> tuple[torch.Tensor, int | torch.Tensor, torch.Tensor | None]:
         """Orthogonalize a bucket's updates in one call and apply them; returns the NS
-        output (``[B, m, n]``) and the iterations each matrix ran."""
+        output (``[B, m, n]``), the iterations each matrix ran and, when ``gram``, the
+        output's Gram matrix for the diagnostics."""
         work, (steps, (a, b, c), tol) = key[4], key[5]
         if len(items) == 1:  # one matrix: the exact operations of torch.optim.Muon
-            X, iters = newton_schulz(items[0].u.to(work), steps, a, b, c, tol)
+            X, iters, G = newton_schulz(items[0].u.to(work), steps, a, b, c, tol, gram)
             outs = [X]
             X = X.unsqueeze(0)
+            G = None if G is None else G.unsqueeze(0)
         else:
             tall = [it.u.shape[0] > it.u.shape[1] for it in items]
             G = torch.stack([it.u.mT if t else it.u for it, t in zip(items, tall)])
-            X, iters = newton_schulz(G.to(work), steps, a, b, c, tol)
+            X, iters, G = newton_schulz(G.to(work), steps, a, b, c, tol, gram)
             outs = [o.mT if t else o for o, t in zip(X.unbind(0), tall)]
         # the NS output stays in the working dtype: add_ promotes it exactly, as torch does
         for it, o in zip(items, outs):
@@ -300,10 +304,10 @@ class Muon(torch.optim.Optimizer):
             p.add_(o.reshape(p.shape), alpha=-it.lr_adj)
             if it.normalize:
                 p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(EPS))
-        return X, iters
+        return X, iters, G
 
     def _bucket_telemetry(self, bus: hooks.Bus, items: list[_Item], X: torch.Tensor,
-                          iters: int | torch.Tensor) -> None:
+                          iters: int | torch.Tensor, gram: torch.Tensor | None) -> None:
         """Per-parameter NS figures, one batched computation per bucket, kept on device."""
         want_res = bus.wants("muon/ns_residual")
         want_lo, want_hi = bus.wants("muon/sv_min"), bus.wants("muon/sv_max")
@@ -319,7 +323,7 @@ class Muon(torch.optim.Optimizer):
         if want_res or want_lo or want_hi:
             # the update's RMS comes from the same Gram matrix: ||X||_F^2 = trace(X X^T)
             d = ns_diagnostics(X, residual=want_res, singular_values=want_lo or want_hi,
-                               frobenius=want_rms)  # X is in NS's working dtype
+                               frobenius=want_rms, gram=gram)
             fro = d.frobenius
             if want_res:
                 bus.emit_each("muon/ns_residual", d.residual, tags)

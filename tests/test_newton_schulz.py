@@ -8,6 +8,7 @@ import torch
 from optimizers.linalg import lanczos_extreme_eigvalsh
 from optimizers.newton_schulz import (
     DEFAULT_COEFFICIENTS,
+    newton_schulz,
     ns_diagnostics,
     orthogonalize,
     resolve_ns_dtype,
@@ -91,6 +92,24 @@ def test_residual_matches_direct_computation(shape):
     expected = np.array([direct_residual(x) for x in mats]).reshape(shape[:-2])
     np.testing.assert_allclose(d.residual.numpy(), expected, rtol=1e-5)
     assert d.sv_min is None and d.sv_max is None
+
+
+@pytest.mark.parametrize("shape,tol", [((24, 96), None), ((96, 24), None), ((40, 40), None),
+                                       ((3, 24, 96), None), ((4, 24, 60), 1e-3)])
+def test_output_gram_equals_direct_product(shape, tol):
+    # wide (n >= 2m) outputs get their Gram matrix from the last iteration's m x m matrices
+    G = torch.randn(*shape)
+    if len(shape) == 3:  # different conditioning: with tol some matrices freeze early
+        G[1] *= torch.logspace(0, -3, shape[-1])
+    kw = {"steps": 30, "a": 1.875, "b": -1.25, "c": 0.375} if tol else \
+        dict(zip("abc", DEFAULT_COEFFICIENTS), steps=5)
+    X, iters, gram = newton_schulz(G, tol=tol, output_gram=True, **kw)
+    x = X.double().numpy()
+    if x.shape[-2] > x.shape[-1]:
+        x = np.swapaxes(x, -1, -2)
+    np.testing.assert_allclose(gram.double().numpy(), x @ np.swapaxes(x, -1, -2), atol=2e-5)
+    if tol:
+        assert len(set(iters.tolist())) > 1
 
 
 def test_singular_values_exact_when_small_and_bounded_estimates_when_large():

@@ -1,0 +1,79 @@
+"""Gates for Muon: its step vs torch.optim.Muon, shape batching, and the cost of its telemetry.
+
+Each gate times the optimizer step alone (gradients are set once), candidate and baseline
+interleaved. Torch runs single-threaded here: on a shared 2-core machine two OpenMP threads
+per process stall each other for tens of milliseconds per matmul, which swamps the ratios.
+"""
+
+import pytest
+import torch
+
+import hooks
+from optimizers import Muon
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def transformer_shapes(d: int, layers: int) -> list[tuple[int, int]]:
+    """The matrices of ``layers`` transformer blocks of width ``d``: qkv, out, MLP in/out."""
+    return [(3 * d, d)] * layers + [(d, d)] * layers + [(4 * d, d)] * layers \
+        + [(d, 4 * d)] * layers
+
+
+def with_grads(shapes, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+    return ps
+
+
+class _Discard:
+    def handle(self, events):
+        pass
+
+
+def driven(opt: Muon, bus: hooks.Bus):
+    """One step as a probe drives it: begin_step, step, end_step (every step sampled)."""
+    state = {"step": 0}
+
+    def run() -> None:
+        bus.begin_step(state["step"])
+        opt.step()
+        bus.end_step()
+        state["step"] += 1
+
+    return run
+
+
+def test_step_vs_torch_muon(probe_gate):
+    # same parameters and the same NS precision as torch.optim.Muon, which is always bf16
+    shapes = transformer_shapes(128, 4)
+    ours = Muon(with_grads(shapes), lr=0.02, ns_dtype="bfloat16", bus=hooks.Bus())
+    ref = torch.optim.Muon(with_grads(shapes), lr=0.02, weight_decay=0.0)
+    probe_gate(ours.step, ref.step, max_ratio=1.0, warmup=3, rounds=15)
+
+
+@pytest.mark.parametrize("width,layers,ns_dtype", [(32, 48, "float32"), (64, 48, "bfloat16")])
+def test_shape_batching(probe_gate, width, layers, ns_dtype):
+    # a deep narrow MLP: many same-shaped layers, where per-call overhead dominates NS
+    shapes = [(width, width)] * layers
+    batched = Muon(with_grads(shapes), ns_dtype=ns_dtype, bus=hooks.Bus())
+    single = Muon(with_grads(shapes), ns_dtype=ns_dtype, batch_shapes=False, bus=hooks.Bus())
+    probe_gate(batched.step, single.step, max_ratio=0.7, warmup=3, rounds=20)
+
+
+def test_telemetry_overhead_every_step(probe_gate):
+    # every muon/* topic and span wanted at every step, against nobody listening
+    shapes = transformer_shapes(256, 3)
+    on_bus, off_bus = hooks.Bus(every=1), hooks.Bus(every=1)
+    on_bus.subscribe(_Discard(), "*")
+    on = Muon(with_grads(shapes), bus=on_bus)
+    off = Muon(with_grads(shapes), bus=off_bus)
+    probe_gate(driven(on, on_bus), driven(off, off_bus), max_ratio=1.10, warmup=2, rounds=15)
