@@ -17,11 +17,17 @@ import torch
 from torch import nn
 
 import probe
+from optimizers import Muon
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
     "adamw": lambda model, total: torch.optim.AdamW(model.parameters(), lr=3e-3,
                                                     weight_decay=1e-4),
+    # the head goes to Muon's AdamW fallback, as Muon's authors advise for output layers
+    "muon": lambda model, total: Muon(
+        [{"params": [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]},
+         {"params": list(model.head.named_parameters(prefix="head")), "use_muon": False}],
+        lr=0.02, lr_fallback=3e-3, wd_fallback=1e-4),
 }
 
 

@@ -77,3 +77,26 @@ def test_telemetry_overhead_every_step(probe_gate):
     on = Muon(with_grads(shapes), bus=on_bus)
     off = Muon(with_grads(shapes), bus=off_bus)
     probe_gate(driven(on, on_bus), driven(off, off_bus), max_ratio=1.10, warmup=2, rounds=15)
+
+
+@pytest.mark.cuda
+def test_default_step_vs_torch_muon_cuda(probe_gate):
+    # defaults on CUDA: ns_dtype "auto" is bf16, as torch.optim.Muon; same-shaped layers batch
+    shapes = transformer_shapes(512, 6)
+
+    def on_cuda(ps):
+        return [p.detach().cuda().requires_grad_() for p in ps]
+
+    ours_p, ref_p = on_cuda(with_grads(shapes)), on_cuda(with_grads(shapes))
+    for p, q in zip(ours_p, ref_p):
+        p.grad, q.grad = torch.randn_like(p) * 1e-2, torch.randn_like(q) * 1e-2
+    ours = Muon(ours_p, lr=0.02, bus=hooks.Bus(device="cuda"))
+    ref = torch.optim.Muon(ref_p, lr=0.02, weight_decay=0.0)
+
+    def synced(step):
+        def run() -> None:
+            step()
+            torch.cuda.synchronize()
+        return run
+
+    probe_gate(synced(ours.step), synced(ref.step), max_ratio=1.0, warmup=5, rounds=30)
