@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import probe
-from optimizers import BlockSchedule
+from optimizers import BlockSchedule, Muon
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
@@ -28,6 +28,11 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
         torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4),
         [*model.blocks, model.head], threshold=0.8, freeze_after=0.1, probe_every=20,
         total_steps=total),
+    # the head goes to Muon's AdamW fallback, as Muon's authors advise for output layers
+    "muon": lambda model, total: Muon(
+        [{"params": [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]},
+         {"params": list(model.head.named_parameters(prefix="head")), "use_muon": False}],
+        lr=0.02, lr_fallback=3e-3, wd_fallback=1e-4),
 }
 
 
