@@ -47,7 +47,8 @@ class Probe:
         self.optimizer = optimizer
         self.model = model
         self.logdir = os.fspath(logdir) if logdir is not None else None
-        self.bus = hooks.resolve_bus(bus)
+        # a project optimizer carries the bus it emits on: the probe drives that one
+        self.bus = hooks.resolve_bus(bus if bus is not None else getattr(optimizer, "bus", None))
         self.bus.every = every
         self.histograms = histograms
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
