@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 import probe
+from optimizers import Falcon
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
     "adamw": lambda model, total: torch.optim.AdamW(model.parameters(), lr=3e-3,
                                                     weight_decay=1e-4),
+    "falcon": lambda model, total: Falcon(model.named_parameters(), lr=3e-3,
+                                          total_steps=total),
 }
 
 
