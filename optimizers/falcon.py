@@ -147,15 +147,15 @@ def energy_mask(energy: torch.Tensor, retain: float, fast: bool = False) -> torc
         keep = min(n, max(1, math.ceil(retain * n - 1e-9)))
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         return mask.scatter_(0, flat.topk(keep).indices, True).reshape(energy.shape)
-    flat = flat.double()  # the cut is a threshold on a running sum: keep it exact
-    order = torch.argsort(flat, descending=True)
-    csum = flat[order].cumsum(0)
-    total = csum[-1]
-    count = (csum < retain * total).sum() + 1  # the first bin to reach the target is kept
+    # the cut is a threshold on a running sum: take it in float64
+    vals, order = torch.sort(flat.double(), descending=True)
+    csum = vals.cumsum(0)
+    total = csum[-1:]
+    count = torch.searchsorted(csum, total * retain) + 1  # the bin reaching the target is kept
     count = torch.where(total > 0, count, n)
-    ranks = torch.empty(n, dtype=torch.long, device=flat.device)
-    ranks.scatter_(0, order, torch.arange(n, device=flat.device))
-    return (ranks < count).reshape(energy.shape)
+    keep = torch.arange(n, device=flat.device) < count
+    mask = torch.empty(n, dtype=torch.bool, device=flat.device).scatter_(0, order, keep)
+    return mask.reshape(energy.shape)
 
 
 def lowrank_bins(bins: torch.Tensor, rank_k: int, backend: str = "poweriter",

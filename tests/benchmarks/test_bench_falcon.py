@@ -1,0 +1,58 @@
+"""Gates: Falcon's cost on the small CNN, interleaved against its baseline in one run.
+
+- a training step (forward, backward, step) with Falcon vs with torch.optim.AdamW, masks
+  rebuilt every 5 steps (the FALCON v2 claim: at most 1.2x) and every step (no claim to
+  check: a regression bound of 1.3x, about 0.13 above the measured ratio);
+- Falcon's optimizer step with the power-iteration low-rank step vs exact SVD (at most 0.5x).
+Nobody listens to the bus here: this is the cost a user pays with telemetry off. The gates
+run on one intra-op thread: on a shared 2-core machine a second thread makes every small op
+wait on a busy core, which swamps the ratio with scheduling noise.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import hooks
+from optimizers import Falcon
+from probe.gates import step_callable
+from tests.benchmarks.conftest import small_cnn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mask_interval,max_ratio", [(5, 1.2), (1, 1.3)])
+def test_falcon_step_vs_adamw(probe_gate, cnn_batch, mask_interval, max_ratio):
+    torch.manual_seed(0)
+    base_model = small_cnn()
+    falcon_model = copy.deepcopy(base_model)
+    x, y = cnn_batch
+    opt = Falcon(falcon_model.named_parameters(), lr=1e-3, mask_interval=mask_interval,
+                 total_steps=10_000, bus=hooks.Bus())
+    assert len(opt.filtered_names) == 3
+    falcon = step_callable(falcon_model, opt, x, y)
+    adamw = step_callable(base_model, torch.optim.AdamW(base_model.parameters(), lr=1e-3), x, y)
+    probe_gate(falcon, adamw, max_ratio=max_ratio, warmup=20, rounds=100)
+
+
+def _optimizer_step(backend: str, model: torch.nn.Module, x, y):
+    model = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(model(x), y).backward()  # fixed gradients
+    opt = Falcon(model.named_parameters(), lr=1e-3, backend=backend, total_steps=10_000,
+                 bus=hooks.Bus())
+    return opt.step
+
+
+def test_falcon_poweriter_vs_svd(probe_gate, cnn_batch):
+    torch.manual_seed(0)
+    model = small_cnn()
+    x, y = cnn_batch
+    probe_gate(_optimizer_step("poweriter", model, x, y), _optimizer_step("svd", model, x, y),
+               max_ratio=0.5, warmup=20, rounds=100)
