@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 import hooks
-from optimizers.linalg import lowrank_poweriter, lowrank_svd
+from optimizers.linalg import lowrank_poweriter, lowrank_svd, rank1_poweriter
 
 BACKENDS = ("svd", "poweriter")
 STAT_TOPICS = {  # filter statistic -> catalogue topic
@@ -106,34 +106,33 @@ def _work_dtype(g: torch.Tensor) -> torch.dtype:
 
 
 def spectrum(g: torch.Tensor) -> torch.Tensor:
-    """rfft2 of ``g`` [O, I, kh, kw] over the kernel dims, bins first: ``[bins, O, I]``
-    complex, bin ``b`` being entry ``b`` of the row-major ``[kh, kw // 2 + 1]`` grid."""
+    """rfft2 of ``g`` [O, I, kh, kw] over the kernel dims with the bins flattened last:
+    ``[O, I, bins]`` complex, bin ``b`` being entry ``b`` of the row-major
+    ``[kh, kw // 2 + 1]`` grid (the layout both transforms produce without a copy)."""
     o, i, kh, kw = g.shape
     x = g.to(_work_dtype(g))
     if kh * kw <= MATMUL_DFT_MAX_TAPS:
         fwd, _ = _dft_matrices((kh, kw), x.dtype, x.device)
-        bins = (x.reshape(o * i, kh * kw) @ fwd).reshape(o, i, -1, 2)
-        return torch.view_as_complex(bins.permute(2, 0, 1, 3).contiguous())
-    return torch.fft.rfft2(x).permute(2, 3, 0, 1).reshape(-1, o, i)
+        return torch.view_as_complex((x.reshape(o * i, kh * kw) @ fwd).view(o, i, -1, 2))
+    return torch.fft.rfft2(x).reshape(o, i, -1)
 
 
 def inverse(bins: torch.Tensor, mask: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
-    """irfft2 of the ``[bins, O, I]`` spectrum with the bins outside ``mask`` zeroed:
+    """irfft2 of the ``[O, I, bins]`` spectrum with the bins outside ``mask`` zeroed:
     a real ``[O, I, kh, kw]`` tensor."""
-    nb, o, i = bins.shape
+    o, i, nb = bins.shape
     keep = mask.reshape(nb)
     if kernel[0] * kernel[1] <= MATMUL_DFT_MAX_TAPS:
         _, inv = _dft_matrices(kernel, bins.real.dtype, bins.device)
         inv = inv * keep[:, None, None]  # zeroing a bin = dropping its rows of the map
-        x = torch.view_as_real(bins).permute(1, 2, 0, 3).reshape(o * i, nb * 2)
-        return (x @ inv.reshape(nb * 2, -1)).reshape(o, i, *kernel)
-    grid = (bins * keep[:, None, None]).reshape(kernel[0], -1, o, i).permute(2, 3, 0, 1)
-    return torch.fft.irfft2(grid, s=kernel)
+        x = torch.view_as_real(bins).reshape(o * i, nb * 2)
+        return (x @ inv.reshape(nb * 2, -1)).view(o, i, *kernel)
+    return torch.fft.irfft2((bins * keep).reshape(o, i, kernel[0], -1), s=kernel)
 
 
 def bin_energy(bins: torch.Tensor) -> torch.Tensor:
-    """Per-bin energy ``sum over O, I of |F|^2`` of a ``[bins, O, I]`` spectrum: ``[bins]``."""
-    return torch.view_as_real(bins).square().sum(dim=(1, 2, 3))
+    """Per-bin energy ``sum over O, I of |F|^2`` of an ``[O, I, bins]`` spectrum: ``[bins]``."""
+    return torch.view_as_real(bins).square().sum(dim=(0, 1, 3))
 
 
 def energy_mask(energy: torch.Tensor, retain: float, fast: bool = False) -> torch.Tensor:
@@ -160,12 +159,15 @@ def energy_mask(energy: torch.Tensor, retain: float, fast: bool = False) -> torc
 
 def lowrank_bins(bins: torch.Tensor, rank_k: int, backend: str = "poweriter",
                  poweriter_steps: int = 1) -> torch.Tensor:
-    """Each bin's O x I matrix of ``bins`` [bins, O, I] replaced by its rank-k approximation."""
-    if rank_k >= min(bins.shape[-2:]):
+    """Each bin's O x I matrix of ``bins`` [O, I, bins] replaced by its rank-k approximation."""
+    if rank_k >= min(bins.shape[:2]):
         return bins
+    if backend == "poweriter" and rank_k == 1:
+        return rank1_poweriter(bins, poweriter_steps)  # no transpose copies, no QR
+    stacked = bins.permute(2, 0, 1)  # the batched helpers want the matrices last
     if backend == "svd":
-        return lowrank_svd(bins, rank_k)
-    return lowrank_poweriter(bins, rank_k, poweriter_steps)
+        return lowrank_svd(stacked, rank_k).permute(1, 2, 0)
+    return lowrank_poweriter(stacked, rank_k, poweriter_steps).permute(1, 2, 0)
 
 
 def _filter(g: torch.Tensor, retain: float, rank_k: int, backend: str, poweriter_steps: int,

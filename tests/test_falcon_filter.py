@@ -10,7 +10,7 @@ import torch
 import hooks
 import optimizers.falcon as falcon
 from optimizers.falcon import filter_grad, mask_shape
-from optimizers.linalg import lowrank_poweriter, lowrank_svd
+from optimizers.linalg import lowrank_poweriter, lowrank_svd, rank1_poweriter
 from tests.helpers import Recorder
 
 
@@ -253,6 +253,19 @@ def test_poweriter_converges_to_svd(dtype, k, sv):
     assert err[2] < err[1] < err[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_rank1_poweriter_batch_last_converges_to_svd(dtype):
+    a = separated(5, 7, 9, [10.0, 1.0, 0.5, 0.2], dtype, seed=11)
+    want = scipy_truncated(a, 1)
+    last = a.permute(1, 2, 0)  # the filter's layout: matrices stacked along the last dim
+    err = [np.abs(rank1_poweriter(last, steps).permute(2, 0, 1).numpy() - want).max()
+           / np.abs(want).max() for steps in (1, 2, 4)]
+    assert err[0] < 5e-2 and err[2] < 1e-7
+    assert err[2] < err[1] < err[0]
+    generic = lowrank_poweriter(a, 1, 2).permute(1, 2, 0)
+    torch.testing.assert_close(rank1_poweriter(last, 2), generic, rtol=1e-10, atol=1e-12)
+
+
 def test_lowrank_edge_cases():
     a = torch.randn(3, 4, 6, dtype=torch.complex64)
     assert torch.equal(lowrank_poweriter(a, 4), a) and torch.equal(lowrank_svd(a, 5), a)
@@ -264,3 +277,8 @@ def test_lowrank_edge_cases():
         lowrank_poweriter(a, 1, steps=0)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         lowrank_svd(torch.randn(5), 1)
+    assert torch.equal(rank1_poweriter(torch.zeros(4, 3, 2), 1), torch.zeros(4, 3, 2))
+    with pytest.raises(ValueError, match=r"shape \[m, n, batch\]"):
+        rank1_poweriter(torch.randn(4, 3), 1)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        rank1_poweriter(torch.randn(4, 3, 2), 0)
