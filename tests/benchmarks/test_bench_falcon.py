@@ -41,7 +41,7 @@ def test_falcon_step_vs_adamw(probe_gate, cnn_batch, mask_interval, max_ratio):
     assert len(opt.filtered_names) == 3
     falcon = step_callable(falcon_model, opt, x, y)
     adamw = step_callable(base_model, torch.optim.AdamW(base_model.parameters(), lr=1e-3), x, y)
-    probe_gate(falcon, adamw, max_ratio=max_ratio, warmup=20, rounds=100)
+    probe_gate(falcon, adamw, max_ratio=max_ratio, warmup=20, rounds=200)
 
 
 def test_falcon_poweriter_vs_svd(probe_gate, cnn_batch):
