@@ -3,8 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.optprobe-installed
 PYTEST_ARGS ?=
+BENCH_JSON ?= bench.json
+BENCH_DOC ?= docs/gates.md
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-table lint clean
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	bash scripts/setup-venv.sh $(VENV)
@@ -15,11 +17,20 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m probe demo
 
+# The gates run too, with timing off: each runs its candidate and baseline once, then skips.
 test: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/benchmarks $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests --benchmark-disable $(PYTEST_ARGS)
 
+# Writes $(BENCH_JSON) and prints the gate table even when a gate fails (the exit status stays).
 bench: $(STAMP)
-	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-json=bench.json $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/benchmarks --benchmark-only --benchmark-json=$(BENCH_JSON) \
+	  $(PYTEST_ARGS); status=$$?; \
+	  $(PY) -m probe bench-table $(BENCH_JSON) --command "$(strip make bench $(PYTEST_ARGS))"; exit $$status
+
+# Rewrites the figures block of $(BENCH_DOC) from $(BENCH_JSON) (run `make bench` first).
+bench-table: $(STAMP)
+	$(PY) -m probe bench-table $(BENCH_JSON) --update $(BENCH_DOC) \
+	  --command "$(strip make bench $(PYTEST_ARGS))"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -11,8 +11,10 @@ from hooks import Event
 class JSONLines:
     """Appends events to ``path`` as JSON objects, one per line, flushed after every batch.
 
-    A batch is joined into one string and written with one call, then flushed, so a process
-    killed mid-run leaves whole lines behind except possibly the last. NaN and Inf are
+    A batch is joined into one string and handed to the kernel with unbuffered writes, so a
+    process killed mid-run leaves whole lines behind except possibly the last. A failed write
+    (a full disk) raises to the bus, which counts it; the next write that succeeds first ends
+    the line the failure may have torn, so every later line is whole again. NaN and Inf are
     written as the JSON extensions ``NaN``/``Infinity`` that Python's json reads back.
     """
 
@@ -23,14 +25,20 @@ class JSONLines:
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        # unbuffered: nothing waits in a Python buffer to be lost on SIGKILL or kept after ENOSPC
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        self._torn = False
 
     def handle(self, events: list[Event]) -> None:
         if self._file.closed:
             return
         text = "".join(json.dumps(e.to_dict(), separators=(",", ":")) + "\n" for e in events)
-        self._file.write(text)
-        self._file.flush()
+        data = memoryview(("\n" + text if self._torn else text).encode("utf-8"))
+        self._torn = True
+        while data:
+            n = self._file.write(data)
+            data = data[n:]
+        self._torn = False
 
     def close(self) -> None:
         if not self._file.closed:

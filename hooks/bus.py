@@ -23,7 +23,7 @@ import torch
 
 from hooks import topics as _topics
 from hooks.event import Event
-from hooks.timing import NULL_SPAN, CudaTimer, Span, _profiler_enabled
+from hooks.timing import NULL_SPAN, CpuSpan, CudaTimer, Span, _profiler_enabled
 
 _NONE, _SAMPLED, _ALWAYS, _ALARM = 0, 1, 2, 3
 _DELIVERY = {"sampled": _SAMPLED, "always": _ALWAYS, "alarm": _ALARM}
@@ -205,21 +205,29 @@ class Bus:
 
     def span(self, name: str, device: torch.device | str | None = None, **tags: Any):
         """Context manager timing a block as ``time/<name>`` and naming it in profiler traces."""
-        timed = self.wants("time/" + name)
-        if not timed and not _profiler_enabled():
+        topic = "time/" + name
+        timed = self.wants(topic)
+        profiling = _profiler_enabled()
+        if not timed and not profiling:
             return NULL_SPAN
         dev = self.device if device is None else torch.device(device)
-        return Span(self, "time/" + name, tags, timed, dev.type == "cuda", mark=True)
+        if not profiling and dev.type != "cuda":
+            return CpuSpan(self, topic, tags)
+        return Span(self, topic, tags, timed, dev if dev.type == "cuda" else None, mark=True)
 
     def timer(self, topic: str, device: torch.device | str | None = None, **tags: Any):
         """Like ``span`` but emits the elapsed ms under ``topic`` itself, with no profiler range."""
         if not self.wants(topic):
             return NULL_SPAN
         dev = self.device if device is None else torch.device(device)
-        return Span(self, topic, tags, True, dev.type == "cuda", mark=False)
+        return Span(self, topic, tags, True, dev if dev.type == "cuda" else None, mark=False)
 
     def _add_elapsed(self, topic: str, ms: float, tags: dict) -> None:
-        self.emit(topic, ms, **tags)
+        # the span was opened because the topic is wanted: skip emit's checks but the bound
+        if len(self._pending) >= self.max_pending:
+            self.dropped_events += 1
+            return
+        self._pending.append(_Pending(topic, self._step, ms, tags, time.time(), _SAMPLED))
 
     def _add_timer(self, topic: str, timer: CudaTimer, tags: dict) -> None:
         if len(self._timers) + len(self._pending) >= self.max_pending:
@@ -228,11 +236,12 @@ class Bus:
         self._timers.append((topic, timer, tags, self._step, time.time()))
 
     # -- step boundaries -----------------------------------------------------------------
-    def begin_step(self, step: int) -> None:
-        """Open step ``step``; it is sampled when ``step % every == 0``."""
+    def begin_step(self, step: int, sampled: bool | None = None) -> None:
+        """Open step ``step``; it is sampled when ``step % every == 0`` unless ``sampled``
+        says otherwise (the probe samples every step the profiler traces)."""
         self._step = int(step)
         self._in_step = True
-        self._sampled = self._step % self._every == 0
+        self._sampled = self._step % self._every == 0 if sampled is None else bool(sampled)
 
     def end_step(self) -> None:
         """Resolve the step's values in one batch per device and deliver them."""
@@ -280,9 +289,10 @@ class Bus:
             self.host_transfers += 1
             if device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
+                with torch.cuda.device(device):  # copy and event on the values' own device
+                    host.copy_(flat, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(torch.cuda.current_stream(device))
                 self._inflight.append(_InFlight(ev, host, [(p, t.numel(), sampled)
                                                            for p, t in items]))
             else:

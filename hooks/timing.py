@@ -13,6 +13,7 @@ import time
 import torch
 
 _profiler_enabled = torch.autograd._profiler_enabled
+_perf_counter = time.perf_counter
 
 
 class NullSpan:
@@ -31,13 +32,23 @@ NULL_SPAN = NullSpan()
 
 
 class CudaTimer:
-    """A pair of CUDA events around a block; ``done()`` polls without synchronizing."""
+    """A pair of CUDA events around a block; ``done()`` polls without synchronizing.
 
-    __slots__ = ("start", "end")
+    Both events go on the current stream of ``device`` (not of the current device), so a
+    span on a bus whose device is not the current one times the right work."""
 
-    def __init__(self) -> None:
+    __slots__ = ("start", "end", "device")
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
         self.start = torch.cuda.Event(enable_timing=True)
         self.end = torch.cuda.Event(enable_timing=True)
+
+    def record_start(self) -> None:
+        self.start.record(torch.cuda.current_stream(self.device))
+
+    def record_end(self) -> None:
+        self.end.record(torch.cuda.current_stream(self.device))
 
     def done(self) -> bool:
         return self.end.query()
@@ -48,13 +59,32 @@ class CudaTimer:
         return self.start.elapsed_time(self.end)
 
 
+class CpuSpan:
+    """The common case made lean: a timed host block with no profiler range."""
+
+    __slots__ = ("bus", "topic", "tags", "_t0")
+
+    def __init__(self, bus, topic: str, tags: dict) -> None:
+        self.bus = bus
+        self.topic = topic
+        self.tags = tags
+
+    def __enter__(self) -> CpuSpan:
+        self._t0 = _perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bus._add_elapsed(self.topic, (_perf_counter() - self._t0) * 1e3, self.tags)
+        return None
+
+
 class Span:
     """Times a block for the bus (``time/<name>``) and marks it for the profiler."""
 
     __slots__ = ("bus", "topic", "tags", "timed", "cuda", "mark", "_t0", "_timer", "_range")
 
-    def __init__(self, bus, topic: str, tags: dict, timed: bool, cuda: bool,
-                 mark: bool = True) -> None:
+    def __init__(self, bus, topic: str, tags: dict, timed: bool,
+                 cuda: torch.device | None, mark: bool = True) -> None:
         self.bus = bus
         self.topic = topic  # "time/<name>"; the profiler range is named <name>
         self.tags = tags
@@ -70,8 +100,8 @@ class Span:
             self._range.__enter__()
         if self.timed:
             if self.cuda:
-                self._timer = CudaTimer()
-                self._timer.start.record()
+                self._timer = CudaTimer(self.cuda)
+                self._timer.record_start()
             else:
                 self._t0 = time.perf_counter()
         return self
@@ -79,7 +109,7 @@ class Span:
     def __exit__(self, *exc) -> None:
         if self.timed:
             if self.cuda:
-                self._timer.end.record()
+                self._timer.record_end()
                 self.bus._add_timer(self.topic, self._timer, self.tags)
             else:
                 self.bus._add_elapsed(self.topic, (time.perf_counter() - self._t0) * 1e3,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -11,12 +12,18 @@ from typing import Any
 import torch
 
 import hooks
-from dashboards import JSONLines, Summary, TensorBoard
+from dashboards import Background, JSONLines, Profiler, Summary, TensorBoard
+from dashboards.tensorboard import check_hparams
+from probe import distributed
+from probe.checkpoint import CheckpointHooks
+from probe.gpu import Sampler
 from probe.names import parameter_names
+from probe.skip import SkippedStep
 from probe.stats import abs_sums, step_stats, value_sample
 
 _STAT_TOPICS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
+_ON_NONFINITE = ("report", "skip")
 
 
 class Probe:
@@ -26,7 +33,9 @@ class Probe:
                  logdir: str | os.PathLike | None = None, every: int = 10,
                  collectors: Iterable[Any] | None = None, bus: hooks.Bus | None = None,
                  profile: bool = False, gpu: str | bool = "auto",
-                 histograms: bool = True) -> None:
+                 histograms: bool = True, on_nonfinite: str = "report",
+                 reduce: str | None = None, hparams: dict | None = None) -> None:
+        hparams = check_hparams(hparams)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, "
                              f"got {type(optimizer).__name__}")
@@ -39,11 +48,32 @@ class Probe:
             raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
         if not isinstance(profile, bool):
             raise ValueError(f"profile must be True or False, got {profile!r}")
+        if profile and logdir is None:
+            raise ValueError("profile=True needs a logdir to write the traces to")
+        if not isinstance(histograms, bool):
+            raise ValueError(f"histograms must be True or False, got {histograms!r}")
+        if on_nonfinite not in _ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
+        if reduce not in distributed.REDUCE_OPS:
+            raise ValueError(f"reduce must be one of {distributed.REDUCE_OPS}, got {reduce!r}")
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise ValueError(f"logdir must be a path or None, got {type(logdir).__name__}")
+        if bus is not None and not isinstance(bus, hooks.Bus):
+            raise ValueError(f"bus must be a hooks.Bus or None, got {type(bus).__name__}")
         collectors = list(collectors) if collectors is not None else None
         if collectors is not None:
             for c in collectors:
                 if not callable(getattr(c, "handle", None)):
                     raise ValueError(f"collectors must have a handle(events) method, got {c!r}")
+        self.ranks = distributed.rank_and_world()
+        if reduce is not None and self.ranks is None:
+            raise ValueError("reduce needs torch.distributed to be initialized; "
+                             "use reduce=None for a single process")
+        if reduce is not None:  # a mismatch would hang the first reduction: refuse it now
+            distributed.check_same_on_all_ranks(
+                {"every": every,
+                 "the number of parameters": sum(len(g["params"])
+                                                 for g in optimizer.param_groups)})
         self.optimizer = optimizer
         self.model = model
         self.logdir = os.fspath(logdir) if logdir is not None else None
@@ -51,6 +81,9 @@ class Probe:
         self.bus = hooks.resolve_bus(bus if bus is not None else getattr(optimizer, "bus", None))
         self.bus.every = every
         self.histograms = histograms
+        self.on_nonfinite = on_nonfinite
+        self.reduce = reduce
+        self._skipping: SkippedStep | None = None
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
         if first is not None:
             self.bus.device = first.device
@@ -62,18 +95,50 @@ class Probe:
         self._step_timer = None
         self._overhead = 0.0
         self._closed = False
+        self.skipped_steps = 0
 
         self.summary_collector = Summary()
         if collectors is None:
             collectors = []
             if self.logdir is not None:
-                os.makedirs(self.logdir, exist_ok=True)
-                collectors = [TensorBoard(self.logdir),
-                              JSONLines(os.path.join(self.logdir, "events.jsonl"))]
+                collectors = self._default_collectors(self.logdir, hparams)
+        for c in collectors:  # a Background collector's drops count in probe/dropped_events
+            if isinstance(c, Background) and c.bus is None:
+                c.bus = self.bus
+        self.profiler: Profiler | None = Profiler(self.logdir) if profile else None
+        if self.profiler is not None:
+            collectors = [*collectors, self.profiler]
         self.collectors = [self.summary_collector, *collectors]
-        self._subs = [self.bus.subscribe(c, "*") for c in self.collectors]
+        routed = self.collectors if self.ranks is None else \
+            [distributed.RankTagged(c, self.ranks[0]) for c in self.collectors]
+        self._subs = [self.bus.subscribe(c, "*") for c in routed]
+        self.sampler = self._make_sampler(gpu)
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
+        self._checkpoint = CheckpointHooks(optimizer, self)
+        self._profile_due = False
+        if self.profiler is not None:
+            # with a model the profiler steps at the next forward, so ProfilerStep#k
+            # ranges (forward, backward, step) nest; without one they are left out
+            self.profiler.start(self._step, step_markers=model is not None)
+            if model is not None:
+                self._handles.append(model.register_forward_pre_hook(self._forward_pre))
+
+    def _default_collectors(self, logdir: str, hparams: dict | None) -> list:
+        # one JSON-lines file per rank; TensorBoard from rank 0 only (one series per tag)
+        os.makedirs(logdir, exist_ok=True)
+        if self.ranks is None:
+            return [TensorBoard(logdir, hparams=hparams),
+                    JSONLines(os.path.join(logdir, "events.jsonl"))]
+        rank = self.ranks[0]
+        jsonl = JSONLines(os.path.join(logdir, f"events-rank{rank}.jsonl"))
+        return [TensorBoard(logdir, hparams=hparams), jsonl] if rank == 0 else [jsonl]
+
+    def _make_sampler(self, gpu: str | bool) -> Sampler | None:
+        cuda = self.bus.device.type == "cuda"
+        if gpu is False or (gpu == "auto" and not cuda):
+            return None
+        return Sampler([self.bus.device] if cuda else None)
 
     # -- parameters ----------------------------------------------------------------------
     def _params(self) -> tuple[list[torch.Tensor], list[dict]]:
@@ -99,11 +164,21 @@ class Probe:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         t0 = time.perf_counter()
         bus = self.bus
-        bus.begin_step(self._step)
+        prof = self.profiler
+        if prof is not None and self._profile_due:  # no forward ran since the last step
+            self._profile_due = False
+            prof.step(self._step)
+        # a traced step is always sampled, so its trace carries the step's telemetry
+        bus.begin_step(self._step, sampled=True if prof is not None and prof.recording else None)
+        if prof is not None:
+            prof.mark(self._step)
         params, tags = self._params()
-        if params and bus.wants("anomaly/nonfinite"):
+        if params and self.on_nonfinite == "skip":
+            self._skip_if_nonfinite(bus, optimizer, params, tags)
+        elif params and bus.wants("anomaly/nonfinite"):
             self._check_nonfinite(bus, params, tags)
-        if bus.sampled and params and any(bus.wants(t) for t in _NEEDS_BEFORE):
+        if bus.sampled and params and (self.reduce is not None
+                                       or any(bus.wants(t) for t in _NEEDS_BEFORE)):
             self._before = [p.detach().clone() for p in params]
         self._step_timer = bus.timer("step/time_ms")
         self._overhead = time.perf_counter() - t0
@@ -123,10 +198,29 @@ class Probe:
             bus.emit_each("anomaly/nonfinite", flags, tags)
             bus.emit("anomaly/nonfinite", flags.sum())
 
+    def _skip_if_nonfinite(self, bus: hooks.Bus, optimizer, params: list[torch.Tensor],
+                           tags: list[dict]) -> None:
+        # the user asked to skip: one host read of the flags per step decides before the step
+        flags = (~torch.isfinite(abs_sums([p.grad for p in params]))).tolist()
+        bad = [t for f, t in zip(flags, tags) if f]
+        if bus.wants("anomaly/nonfinite"):
+            for t in bad:
+                bus.emit("anomaly/nonfinite", 1.0, **t)
+            if bad or bus.sampled:
+                bus.emit("anomaly/nonfinite", float(len(bad)))
+        if bad:
+            self._skipping = SkippedStep(optimizer)
+            self.skipped_steps += 1
+        if bus.wants("anomaly/skipped_step") and (bad or bus.sampled):
+            bus.emit("anomaly/skipped_step", 1.0 if bad else 0.0)
+
     def _post_step(self, optimizer, args, kwargs) -> None:
         self._step_timer.__exit__(None, None, None)
         t0 = time.perf_counter()
         bus = self.bus
+        if self._skipping is not None:
+            self._skipping.restore()
+            self._skipping = None
         try:
             if bus.sampled:
                 self._sampled_stats(bus)
@@ -134,15 +228,31 @@ class Probe:
             self._before = None
             if bus.wants("probe/overhead_ms"):
                 bus.emit("probe/overhead_ms", (self._overhead + time.perf_counter() - t0) * 1e3)
+            if self.sampler is not None and (bus.sampled or self.sampler.status is not None):
+                self.sampler.emit(bus)
             bus.end_step()
             self._step += 1
+            if self.profiler is not None:
+                if self.model is not None:
+                    self._profile_due = True
+                else:
+                    self.profiler.step(self._step)
+
+    def _forward_pre(self, module, args) -> None:
+        if self._profile_due:
+            self._profile_due = False
+            self.profiler.step(self._step)
 
     def _sampled_stats(self, bus: hooks.Bus) -> None:
         params, tags = self._params()
+        if self.reduce is not None:  # the collective runs even when this rank has no grads
+            self._reduced_stats(bus, params, tags)
         if not params:
             return
         grads = [p.grad for p in params]
-        if self._before is not None and len(self._before) == len(params):
+        if self.reduce is not None:
+            pass  # norms, ratios and cosines came reduced; histograms below stay local
+        elif self._before is not None and len(self._before) == len(params):
             stats = step_stats(self._before, [p.detach() for p in params], grads)
             for topic in _STAT_TOPICS:
                 bus.emit_each(topic, stats[topic], tags)
@@ -163,6 +273,31 @@ class Probe:
             bus.emit("cuda/memory_allocated", torch.cuda.memory_allocated(dev), param=str(dev))
             bus.emit("cuda/max_memory_allocated", torch.cuda.max_memory_allocated(dev),
                      param=str(dev))
+
+    def _reduced_stats(self, bus: hooks.Bus, params: list[torch.Tensor],
+                       tags: list[dict]) -> None:
+        # exactly one collective per sampled step on every rank, whatever this rank listens to
+        everyone = [p for g in self.optimizer.param_groups for p in g["params"]]
+        column = {id(p): i for i, p in enumerate(everyone)}
+        dev = bus.device
+        rows = torch.zeros(len(_STAT_TOPICS), len(everyone), device=dev)
+        present = torch.zeros(len(everyone), device=dev)
+        totals = torch.zeros(3, device=dev)
+        if params and self._before is not None and len(self._before) == len(params):
+            stats = step_stats(self._before, [p.detach() for p in params],
+                               [p.grad for p in params])
+            idx = torch.tensor([column[id(p)] for p in params], device=dev)
+            rows[:, idx] = torch.stack([stats[t] for t in _STAT_TOPICS]).to(dev)
+            present[idx] = 1.0
+            totals = torch.stack([stats["total/" + t] for t in _STAT_TOPICS[:3]]).to(dev)
+        out, tot = distributed.reduce_stats(rows, present, totals, self.reduce,
+                                            self.ranks[1])
+        all_tags = [{"param": self._names.get(id(p)) or f"param{i}",
+                     "reduced": self.reduce} for i, p in enumerate(everyone)]
+        for k, topic in enumerate(_STAT_TOPICS):
+            bus.emit_each(topic, out[k], all_tags)
+        for k, topic in enumerate(_STAT_TOPICS[:3]):
+            bus.emit(topic, tot[k], reduced=self.reduce)
 
     def _hist_step(self) -> bool:
         # histograms copy values, so they come every 10th sampled step
@@ -195,6 +330,21 @@ class Probe:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._checkpoint.remove()
+
+    def _checkpoint_state(self) -> dict:
+        return {"version": 1, "step": self._step, "skipped_steps": self.skipped_steps,
+                "summary": self.summary_collector.state_dict()}
+
+    def _load_checkpoint_state(self, state: dict) -> None:
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state_dict['optprobe']['step'] must be an int >= 0, got {step!r}")
+        self._step = step
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        summary = state.get("summary")
+        if isinstance(summary, dict):
+            self.summary_collector.load_state_dict(summary)
 
     def close(self) -> None:
         """Detach, flush every pending event and close this probe's collectors."""
@@ -203,6 +353,8 @@ class Probe:
         self._closed = True
         self.detach()
         try:
+            if self.sampler is not None:
+                self.sampler.close()
             self.bus.flush()
         finally:
             for sub in self._subs:
@@ -211,15 +363,29 @@ class Probe:
     def __enter__(self) -> Probe:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the training loop's exception is the news: a failing close must not mask it
+            self.close()
+        except Exception as close_exc:
+            print(f"optprobe: close() failed while {exc_type.__name__} propagated: "
+                  f"{close_exc!r}", file=sys.stderr)
 
 
 def attach(optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
            logdir: str | os.PathLike | None = None, every: int = 10,
            collectors: Iterable[Any] | None = None, bus: hooks.Bus | None = None,
-           profile: bool = False, gpu: str | bool = "auto", histograms: bool = True) -> Probe:
+           profile: bool = False, gpu: str | bool = "auto", histograms: bool = True,
+           on_nonfinite: str = "report", reduce: str | None = None,
+           hparams: dict | None = None) -> Probe:
     """Observe ``optimizer``: step time, gradient/update statistics and anomalies, delivered to
-    TensorBoard + JSON lines in ``logdir`` (or to ``collectors``) every ``every`` steps."""
+    TensorBoard + JSON lines in ``logdir`` (or to ``collectors``) every ``every`` steps.
+
+    ``on_nonfinite="skip"`` makes a step with a NaN/Inf gradient a no-op; ``reduce`` ("mean" or
+    "max") reduces per-parameter statistics across torch.distributed ranks; ``hparams``
+    (name -> bool/int/float/str) go to TensorBoard's HParams dashboard."""
     return Probe(optimizer, model=model, logdir=logdir, every=every, collectors=collectors,
-                 bus=bus, profile=profile, gpu=gpu, histograms=histograms)
+                 bus=bus, profile=profile, gpu=gpu, histograms=histograms,
+                 on_nonfinite=on_nonfinite, reduce=reduce, hparams=hparams)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from probe import demo
+from probe import benchtable, demo, report, tensorboard_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small conv net on digits under the probe")
     demo.add_arguments(d)
     d.set_defaults(func=demo.run)
+    r = sub.add_parser("report", help="tables and figures from runs' events.jsonl")
+    report.add_arguments(r)
+    r.set_defaults(func=report.run)
+    t = sub.add_parser("tensorboard", help="serve a run folder with TensorBoard")
+    tensorboard_cmd.add_arguments(t)
+    t.set_defaults(func=tensorboard_cmd.run)
+    b = sub.add_parser("bench-table", help="markdown table of the gates in a bench.json")
+    benchtable.add_arguments(b)
+    b.set_defaults(func=benchtable.run)
     return ap
 
 

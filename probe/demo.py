@@ -74,7 +74,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 def train(name: str, steps: int, batch: int, every: int, logdir: str, seed: int,
-          progress: bool = True) -> dict:
+          progress: bool = True, profile: bool = False) -> dict:
     """Train DigitsNet with optimizer ``name`` for ``steps`` steps under a probe."""
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = digits(seed)
@@ -85,7 +85,10 @@ def train(name: str, steps: int, batch: int, every: int, logdir: str, seed: int,
     steps_per_epoch = max(1, len(xtr) // batch)
     bar = _bar(steps, name, progress)
     t0 = time.perf_counter()
-    with probe.attach(inner, model=model, logdir=logdir, every=every) as p:
+    hparams = {"optimizer": name, "lr": float(inner.param_groups[0]["lr"]), "steps": steps,
+               "batch": batch, "every": every, "seed": seed}
+    with probe.attach(inner, model=model, logdir=logdir, every=every, hparams=hparams,
+                      profile=profile) as p:
         step = 0
         while step < steps:
             perm = torch.randperm(len(xtr), generator=g)
@@ -120,6 +123,7 @@ def train(name: str, steps: int, batch: int, every: int, logdir: str, seed: int,
                                 default=float("nan")),
         "nonfinite": s.get("anomaly/nonfinite", {}).get("max", 0.0),
         "summary": s,
+        "traces": list(p.profiler.traces) if p.profiler is not None else [],
     }
 
 
@@ -172,6 +176,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--name", default=None, help="run name prefix (default: a timestamp)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace steps 2-4 with torch.profiler into each run folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,14 +196,19 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         logdir = os.path.join(args.runs, f"{stamp}-{n}")
         results.append(train(n, args.steps, args.batch, args.every, logdir, args.seed,
-                             progress=not args.no_progress))
+                             progress=not args.no_progress,
+                             profile=getattr(args, "profile", False)))
     print()
     print(table(results))
     print()
     print("Runs written to:")
     for r in results:
         print(f"  {r['logdir']}  (TensorBoard events + events.jsonl)")
+        for t in r.get("traces", []):
+            print(f"    profiler trace: {t}  (TensorBoard's PyTorch Profiler tab, Perfetto)")
     print()
     print("View them with:")
     print(f"  tensorboard --logdir {args.runs}")
+    print(f"  probe report {' '.join(r['logdir'] for r in results)} "
+          f"--plots {os.path.join(args.runs, stamp + '-plots')}")
     return 0

@@ -17,6 +17,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_addoption(parser, pluginmanager):
+    # The plugin comes through the pytest11 entry point once optprobe is installed; from a bare
+    # checkout (PYTHONPATH=.) register it here so the gates and their options still exist.
+    if not pluginmanager.has_plugin("optprobe"):
+        import probe.pytest_plugin
+
+        if not pluginmanager.is_registered(probe.pytest_plugin):
+            pluginmanager.register(probe.pytest_plugin, "optprobe")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ def test_probe_overhead(probe_gate, cnn_batch, every, max_ratio):
                                      torch.optim.AdamW(probed_model.parameters(), lr=1e-3),
                                      x, y, every=every, collectors=[])
     try:
-        probe_gate(probed, bare, max_ratio=max_ratio, warmup=20, rounds=200)
+        probe_gate(probed, bare, max_ratio=max_ratio, warmup=20, rounds=200,
+                   label=f"probe overhead, small CNN + AdamW, every={every}")
     finally:
         p.close()

@@ -1,0 +1,215 @@
+"""GPU sampler against a fake NVML module (values, units, rate, shutdown, driver missing)
+and, on a CUDA machine, against the real one."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import hooks
+import probe
+from probe.gpu import METRICS, Sampler
+from tests.helpers import Recorder
+
+
+class _Util:
+    def __init__(self, gpu):
+        self.gpu = gpu
+
+
+class _Mem:
+    def __init__(self, used):
+        self.used = used
+
+
+class FakeNVML:
+    """The slice of pynvml the sampler uses; readings follow a per-device script."""
+
+    NVML_TEMPERATURE_GPU = 0
+    NVML_CLOCK_SM = 1
+
+    def __init__(self, count=2, fail_init=None):
+        self.count = count
+        self.fail_init = fail_init
+        self.reads = [0] * count
+        self.inits = self.shutdowns = 0
+        self.threads = []
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.fail_init
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return self.count
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        if not 0 <= i < self.count:
+            raise RuntimeError(f"invalid index {i}")
+        return i
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        self.threads.append(threading.get_ident())
+        self.reads[h] += 1
+        return _Util(10 * (h + 1) + self.reads[h] % 3)  # %, cycles d+0, d+1, d+2
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return _Mem((h + 1) * 2**30)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 150_500 + 1000 * h  # milliwatts
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        assert sensor == self.NVML_TEMPERATURE_GPU
+        return 60 + h
+
+    def nvmlDeviceGetClockInfo(self, h, clock):
+        assert clock == self.NVML_CLOCK_SM
+        return 1980
+
+
+def test_window_values_and_units():
+    nvml = FakeNVML()
+    s = Sampler([0, 1], nvml=nvml, start=False)
+    for _ in range(6):
+        s.sample()
+    w = s.window()
+    assert set(w) == {"nvml:0", "nvml:1"}
+    for d in (0, 1):
+        m = w[f"nvml:{d}"]
+        assert set(m) == set(METRICS)
+        base = 10 * (d + 1)
+        # utilization read 1..6 -> base + (1, 2, 0, 1, 2, 0)
+        assert m["gpu/utilization"] == (pytest.approx(base + 1.0), base + 2.0, 6)
+        assert m["gpu/memory_used"][:2] == ((d + 1) * 2**30, (d + 1) * 2**30)
+        assert m["gpu/power"][:2] == (pytest.approx(150.5 + d), pytest.approx(150.5 + d))
+        assert m["gpu/temperature"][1] == 60 + d and m["gpu/sm_clock"][1] == 1980
+    assert s.window() == {}  # the window resets
+
+
+def test_emit_on_bus_mean_and_max():
+    bus, rec = hooks.Bus(), Recorder()
+    bus.subscribe(rec, "gpu/*")
+    s = Sampler([1], nvml=FakeNVML(), start=False)
+    for _ in range(3):
+        s.sample()
+    bus.begin_step(0)
+    s.emit(bus)
+    bus.end_step()
+    assert rec.values("gpu/utilization", "nvml:1/mean") == [pytest.approx(21.0)]
+    assert rec.values("gpu/utilization", "nvml:1/max") == [22.0]
+    assert rec.values("gpu/power", "nvml:1/max") == [pytest.approx(151.5)]
+    tags = next(e.tags for e in rec.events if e.param == "nvml:1/max")
+    assert tags["stat"] == "max" and tags["device"] == "nvml:1" and tags["samples"] == "3"
+
+
+def test_thread_rate_and_shutdown():
+    nvml = FakeNVML(count=1)
+    s = Sampler(hz=50, nvml=nvml)
+    assert s.running
+    time.sleep(0.5)
+    s.close()
+    assert not s.running and nvml.shutdowns == 1
+    # 50 Hz over 0.5 s is 25 samples; a loaded 2-core machine may run late, never early
+    assert 5 <= s.samples_taken <= 27
+    # one read on this thread checks the device at start; the samples come from the thread
+    assert nvml.threads.count(threading.get_ident()) == 1
+    assert len(nvml.threads) == s.samples_taken + 1
+    n = s.samples_taken
+    time.sleep(0.1)
+    assert s.samples_taken == n  # nothing samples after close
+
+
+def test_driver_missing_starts_no_thread_and_says_why():
+    class NVMLError(Exception):
+        pass
+
+    nvml = FakeNVML(fail_init=NVMLError("Driver Not Loaded"))
+    before = threading.active_count()
+    s = Sampler(nvml=nvml)
+    assert s.status is not None and "Driver Not Loaded" in s.status
+    assert not s.running and threading.active_count() == before
+    bus, rec = hooks.Bus(), Recorder()
+    bus.subscribe(rec, "*")
+    for step in range(3):
+        bus.begin_step(step)
+        s.emit(bus)
+        bus.end_step()
+    assert rec.values("gpu/status") == [s.status]  # once, whatever the sampling
+    s.close()
+
+
+def test_probe_with_gpu_true_keeps_working_without_a_driver(monkeypatch):
+    import probe.gpu as gpu
+
+    fake = FakeNVML(fail_init=RuntimeError("NVML Shared Library Not Found"))
+    monkeypatch.setattr(gpu.Sampler, "_init",
+                        lambda self, nvml, devs, _orig=gpu.Sampler._init: _orig(self, fake, devs))
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    rec = Recorder()
+    with probe.attach(opt, every=1, collectors=[rec], gpu=True) as p:
+        for _ in range(3):
+            w.grad = torch.ones(3)
+            opt.step()
+    assert p.sampler is not None and not p.sampler.running
+    assert rec.values("gpu/status") == ["GPU sampling off: NVML could not start "
+                                        "(NVML Shared Library Not Found)"]
+    assert len(rec.values("step/time_ms")) == 3
+    assert torch.allclose(w.detach(), torch.full((3,), 0.7))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="hz"):
+        Sampler(hz=0, nvml=FakeNVML())
+    with pytest.raises(ValueError, match="devices"):
+        Sampler(["cpu"], nvml=FakeNVML())
+
+
+def test_unknown_device_reports_instead_of_raising():
+    nvml = FakeNVML(count=1)
+    s = Sampler([3], nvml=nvml)
+    assert "invalid index 3" in s.status and not s.running and nvml.shutdowns == 1
+
+
+@pytest.mark.cuda
+def test_real_nvml_on_the_device_in_use():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    x = torch.randn(4096, 4096, device=dev)
+    s = Sampler([dev], hz=20)
+    assert s.status is None, s.status
+    for _ in range(20):
+        x = x @ x.T / 4096
+    torch.cuda.synchronize()
+    time.sleep(0.3)
+    s.close()
+    w = s.window()[str(dev)]
+    mean, mx, n = w["gpu/memory_used"]
+    assert n >= 2 and mx >= torch.cuda.memory_allocated(dev)
+    assert 0 <= w["gpu/utilization"][1] <= 100
+    assert 1 < w["gpu/power"][1] < 2000 and 0 < w["gpu/temperature"][1] < 120
+    assert w["gpu/sm_clock"][1] > 0
+
+
+@pytest.mark.cuda
+def test_probe_auto_samples_the_device_in_use():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    model = torch.nn.Linear(512, 512).to(dev)
+    opt = torch.optim.AdamW(model.parameters())
+    rec = Recorder()
+    with probe.attach(opt, model=model, every=5, collectors=[rec]) as p:
+        assert p.sampler is not None and p.sampler.status is None and p.sampler.running
+        for _ in range(10):
+            model(torch.randn(64, 512, device=dev)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            time.sleep(0.05)
+    assert not p.sampler.running
+    util = [e for e in rec.events if e.topic == "gpu/utilization"]
+    assert {e.param for e in util} == {f"{dev}/mean", f"{dev}/max"}
+    assert {e.step for e in util} <= {0, 5}
+    assert rec.values("cuda/memory_allocated", str(dev))[-1] > 512 * 512 * 4
