@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import probe
-from optimizers import BlockSchedule, Muon
+from optimizers import BlockSchedule, Falcon, Muon
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
@@ -33,6 +33,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
         [{"params": [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]},
          {"params": list(model.head.named_parameters(prefix="head")), "use_muon": False}],
         lr=0.02, lr_fallback=3e-3, wd_fallback=1e-4),
+    "falcon": lambda model, total: Falcon(model.named_parameters(), lr=3e-3,
+                                          total_steps=total),
 }
 
 

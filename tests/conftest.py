@@ -7,6 +7,10 @@ os.environ.setdefault("OPTPROBE_STRICT_TOPICS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The tests' models are tiny: intra-op threads only add barrier waits (tens of ms per op on a
+# loaded 2-core box), and one thread keeps the numbers reproducible.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -32,6 +32,7 @@ def _block_schedule(named):
 
 OPTIMIZERS = {
     "BlockSchedule": _block_schedule,
+    "Falcon": lambda named: optimizers.Falcon(named, lr=1e-2, total_steps=20),
     "Muon": lambda named: optimizers.Muon(named, lr=0.02, weight_decay=0.01),
     "AdamW": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1),
     "SGD": lambda named: torch.optim.SGD([p for _, p in named], lr=0.05, momentum=0.9,
