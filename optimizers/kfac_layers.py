@@ -1,0 +1,181 @@
+"""K-FAC's per-layer bookkeeping: the rows behind A and G for ``nn.Linear`` and ``nn.Conv2d``,
+their sums over one collection, and the layer's factors and inverses.
+
+Rows: a Linear layer gives one row per input vector (all leading dimensions flattened), a
+Conv2d layer one row per output position (its input patch, unfolded). The bias is an extra
+ones column of ``a``. Output-gradient rows are multiplied by the batch size ``N`` to undo the
+``1/N`` of a mean-reduced loss, so ``G`` is the per-sample Fisher whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be preconditioned (None when it can)."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"{type(module).__name__} is not nn.Linear or nn.Conv2d"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"grouped convolution (groups={module.groups})"
+    if not module.weight.requires_grad:
+        return "frozen weight"
+    return None
+
+
+def _conv_input(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``x`` padded the way the conv pads it, and the padding left for ``unfold``."""
+    if x.ndim == 3:  # an unbatched input [C, H, W]
+        x = x.unsqueeze(0)
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), \
+            (0, 0)
+    pad = module.padding
+    if pad == "valid":
+        return x, (0, 0)
+    if pad == "same":  # possibly asymmetric: pad explicitly, as the conv does
+        lr = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            total = d * (k - 1)
+            lr += [total // 2, total - total // 2]
+        return F.pad(x, lr), (0, 0)
+    return x, tuple(pad)
+
+
+def input_rows(module: nn.Module, x: torch.Tensor, bias: bool) -> tuple[torch.Tensor, int]:
+    """The rows ``a`` behind A ``[T, in (+1)]`` and the batch size ``N`` of input ``x``."""
+    if isinstance(module, nn.Conv2d):
+        xp, pad = _conv_input(module, x)
+        n = xp.shape[0]
+        patches = F.unfold(xp, module.kernel_size, dilation=module.dilation, padding=pad,
+                           stride=module.stride)  # [N, C*kh*kw, L], channel-major like weight
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        n = x.shape[0] if x.ndim > 1 else 1
+        rows = x.reshape(-1, x.shape[-1])
+    if bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows, n
+
+
+def grad_rows(module: nn.Module, g: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows behind G ``[T, out]`` from the output gradient ``g``, times the batch size."""
+    if isinstance(module, nn.Conv2d):
+        if g.ndim == 3:
+            g = g.unsqueeze(0)
+        rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+    else:
+        rows = g.reshape(-1, g.shape[-1])
+    return rows * n
+
+
+class KFACLayer:
+    """One preconditioned layer: its parameters, the current collection, factors, inverses."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        self.weight: nn.Parameter = module.weight
+        b = module.bias
+        self.bias: nn.Parameter | None = b if (b is not None and b.requires_grad) else None
+        self.out_dim = self.weight.shape[0]
+        self.w_in = self.weight[0].numel()
+        self.in_dim = self.w_in + (1 if self.bias is not None else 0)
+        self.dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.reset_collection()
+        # factors: running A; running G (eig) or the latest rows U (woodbury)
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        self.U: torch.Tensor | None = None  # [out, T]
+        self.tokens = 0
+        self.policy: str | None = None
+        self.reason = ""
+        self.clear_inverse()
+
+    # -- one collection ------------------------------------------------------------------
+    def reset_collection(self) -> None:
+        self.a_sum: torch.Tensor | None = None
+        self.g_sum: torch.Tensor | None = None
+        self.g_rows: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, a_cov: torch.Tensor, t: int, g: torch.Tensor, keep_rows: bool) -> None:
+        """Fold one forward/backward pair into the collection (``keep_rows``: keep g's rows
+        for a Woodbury factor instead of summing ``gᵀg``)."""
+        g = g.to(self.dtype)
+        self.a_sum = a_cov if self.a_sum is None else self.a_sum + a_cov
+        self.rows += t
+        if keep_rows:
+            self.g_rows.append(g)
+        else:
+            self.fold_rows()
+            gg = g.mT @ g
+            self.g_sum = gg if self.g_sum is None else self.g_sum + gg
+
+    def fold_rows(self) -> None:
+        """Turn kept rows into the dense sum ``Σ gᵀg`` (the layer goes the eig way)."""
+        if self.g_rows:
+            rows = torch.cat(self.g_rows) if len(self.g_rows) > 1 else self.g_rows[0]
+            gg = rows.mT @ rows
+            self.g_sum = gg if self.g_sum is None else self.g_sum + gg
+            self.g_rows = []
+
+    def collected_rows(self) -> torch.Tensor:
+        """The kept rows of this collection ``[t, out]`` (empty when none)."""
+        if not self.g_rows:
+            return self.weight.new_zeros((0, self.out_dim), dtype=self.dtype)
+        return torch.cat(self.g_rows) if len(self.g_rows) > 1 else self.g_rows[0]
+
+    # -- inverses ------------------------------------------------------------------------
+    def clear_inverse(self) -> None:
+        self.QA = self.lA = self.QG = self.lG = self.A_inv = None
+        self.wood = None
+        self.inverse_policy: str | None = None
+        self.stats: dict[str, torch.Tensor | float] = {}
+
+    @property
+    def ready(self) -> bool:
+        """True once the layer has an inverse to precondition with."""
+        return self.inverse_policy is not None
+
+    def latest_rows(self) -> torch.Tensor | None:
+        """The latest Woodbury rows ``U`` ``[out, T]``, also once folded into the inverse."""
+        if self.U is not None:
+            return self.U
+        return self.wood.rows() if self.wood is not None else None
+
+    def has_factors(self) -> bool:
+        if self.A is None:
+            return False
+        return self.G is not None if self.policy == "eig" else self.U is not None
+
+    # -- gradients -----------------------------------------------------------------------
+    def grad_matrix(self) -> torch.Tensor | None:
+        """``[∇W, ∇b]`` as ``[out, in (+1)]`` in the factor dtype (None without a grad)."""
+        gw = self.weight.grad
+        if gw is None:
+            return None
+        v = gw.detach().reshape(self.out_dim, -1).to(self.dtype)
+        if self.bias is not None:
+            gb = self.bias.grad
+            gb = torch.zeros(self.out_dim, dtype=self.dtype, device=v.device) if gb is None \
+                else gb.detach().to(self.dtype)
+            v = torch.cat([v, gb[:, None]], dim=1)
+        return v
+
+    def split(self, ng: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """The preconditioned ``[out, in (+1)]`` matrix as (parameter, direction) pairs."""
+        out = [(self.weight, ng[:, :self.w_in].reshape(self.weight.shape)
+                .to(self.weight.dtype))]
+        if self.bias is not None:
+            out.append((self.bias, ng[:, self.w_in].to(self.bias.dtype)))
+        return out
+
+    def signature(self) -> dict:
+        """What a saved state must agree with: kind, shapes, bias column."""
+        return {"kind": self.kind, "out_dim": self.out_dim, "in_dim": self.in_dim,
+                "has_bias": self.bias is not None,
+                "weight_shape": tuple(self.weight.shape)}
