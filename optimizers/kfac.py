@@ -125,7 +125,8 @@ class KFAC(torch.optim.Optimizer):
                 self.excluded[name] = why
                 continue
             claimed[id(module.weight)] = name
-            self.layers.append(KFACLayer(name, module))
+            # the model itself as the layer has no name: call it by its class
+            self.layers.append(KFACLayer(name or type(module).__name__, module))
         if not self.layers:
             raise ValueError("model must contain at least one trainable nn.Linear or nn.Conv2d "
                              "layer outside skip (K-FAC would have nothing to precondition)")
@@ -434,9 +435,9 @@ class KFAC(torch.optim.Optimizer):
         for layer in self.layers:
             rec = saved["layers"][layer.name]
             dev = layer.weight.device
-            layer.A = None if rec["A"] is None else rec["A"].to(dev, layer.dtype)
-            layer.G = None if rec["G"] is None else rec["G"].to(dev, layer.dtype)
-            layer.U = None if rec["U"] is None else rec["U"].to(dev, layer.dtype)
+            layer.A, layer.G, layer.U = (None if rec[k] is None
+                                         else rec[k].to(dev, layer.dtype, copy=True)
+                                         for k in ("A", "G", "U"))
             layer.tokens = int(rec["tokens"])
             layer.policy = rec["policy"]
             layer.reset_collection()
@@ -458,8 +459,8 @@ class KFAC(torch.optim.Optimizer):
                 raise ValueError(f"state_dict has no K-FAC factors for layer {name!r}")
             rec, sig = layers[name], layer.signature()
             if rec["has_bias"] != sig["has_bias"]:
-                was, now = ("had", "has no") if rec["has_bias"] else ("had no", "has")
-                raise ValueError(f"layer {name!r}: the saved factors {was} a bias column but "
+                was, now = ("had a", "has no") if rec["has_bias"] else ("had no", "has a")
+                raise ValueError(f"layer {name!r}: the saved factors {was} bias column but "
                                  f"the model's layer {now} trainable bias (a bias appeared or "
                                  f"disappeared)")
             if rec["kind"] != sig["kind"] or tuple(rec["weight_shape"]) != sig["weight_shape"]:
