@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 import probe
+from optimizers import KFAC
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
     "adamw": lambda model, total: torch.optim.AdamW(model.parameters(), lr=3e-3,
                                                     weight_decay=1e-4),
+    "kfac": lambda model, total: KFAC(model, lr=0.05, momentum=0.9, weight_decay=1e-4,
+                                      damping=1e-3, factor_every=10, inverse_every=50),
 }
 
 
