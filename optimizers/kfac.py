@@ -22,7 +22,7 @@ from torch import nn
 
 import hooks
 from optimizers import kfac_dist
-from optimizers.kfac_layers import KFACLayer, grad_rows, input_rows, unsupported_reason
+from optimizers.kfac_layers import KFACLayer, grad_rows, input_covariance, unsupported_reason
 from optimizers.kfac_math import (
     damped_condition,
     eig_precondition,
@@ -202,10 +202,8 @@ class KFAC(torch.optim.Optimizer):
             if not isinstance(output, torch.Tensor) or not output.requires_grad or not inputs:
                 return
             with torch.no_grad():
-                a, n = input_rows(module, inputs[0].detach(), layer.bias is not None)
-                a = a.to(layer.dtype)
-                a_cov = a.mT @ a
-            t = a.shape[0]
+                a_cov, t, n = input_covariance(module, inputs[0].detach(),
+                                               layer.bias is not None, layer.dtype)
 
             def on_grad(g: torch.Tensor) -> None:
                 # A joins the collection only with its backward: eval-style forwards in

@@ -60,6 +60,26 @@ def input_rows(module: nn.Module, x: torch.Tensor, bias: bool) -> tuple[torch.Te
     return rows, n
 
 
+def input_covariance(module: nn.Module, x: torch.Tensor, bias: bool, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, int, int]:
+    """``(Σ a aᵀ, T, N)`` over the rows of input ``x``; the bias block is filled from the
+    column sums instead of multiplying a ones column (no copy of the unfolded patches)."""
+    rows, n = input_rows(module, x, bias=False)
+    rows = rows.to(dtype)
+    t = rows.shape[0]
+    cov = rows.mT @ rows
+    if bias:
+        k = cov.shape[0]
+        aug = cov.new_empty((k + 1, k + 1))
+        aug[:k, :k] = cov
+        s = rows.sum(0)
+        aug[:k, k] = s
+        aug[k, :k] = s
+        aug[k, k] = t
+        cov = aug
+    return cov, t, n
+
+
 def grad_rows(module: nn.Module, g: torch.Tensor, n: int) -> torch.Tensor:
     """The rows behind G ``[T, out]`` from the output gradient ``g``, times the batch size."""
     if isinstance(module, nn.Conv2d):
