@@ -25,7 +25,6 @@ from optimizers import kfac_dist
 from optimizers.kfac_layers import KFACLayer, grad_rows, input_covariance, unsupported_reason
 from optimizers.kfac_math import (
     damped_condition,
-    eig_precondition,
     factored_damping,
     natural_gradient,
     woodbury_natural_gradient,
@@ -353,7 +352,10 @@ class KFAC(torch.optim.Optimizer):
             if v is None:
                 continue
             if layer.inverse_policy == "eig":
-                ng = eig_precondition(v, layer.QA, layer.lA, layer.QG, layer.lG, damping)
+                if layer.denom_damping != damping:  # cached until damping or inverse change
+                    layer.inv_denom = 1.0 / (layer.lG[:, None] * layer.lA[None, :] + damping)
+                    layer.denom_damping = damping
+                ng = layer.QG @ ((layer.QG.mT @ v @ layer.QA) * layer.inv_denom) @ layer.QA.mT
             else:
                 ng = layer.wood.apply(v @ layer.A_inv)
             pairs.append((layer, v, ng))

@@ -153,6 +153,8 @@ class KFACLayer:
     def clear_inverse(self) -> None:
         self.QA = self.lA = self.QG = self.lG = self.A_inv = None
         self.wood = None
+        self.inv_denom: torch.Tensor | None = None  # 1 / (λ_G λ_Aᵀ + damping)
+        self.denom_damping: float | None = None
         self.inverse_policy: str | None = None
         self.stats: dict[str, torch.Tensor | float] = {}
 
