@@ -25,33 +25,44 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _conv_input(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """``x`` padded the way the conv pads it, and the padding left for ``unfold``."""
+def _conv_padded(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (batched) padded the way the conv pads it."""
     if x.ndim == 3:  # an unbatched input [C, H, W]
         x = x.unsqueeze(0)
     if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), \
-            (0, 0)
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
     pad = module.padding
     if pad == "valid":
-        return x, (0, 0)
-    if pad == "same":  # possibly asymmetric: pad explicitly, as the conv does
-        lr = []
+        return x
+    if pad == "same":  # possibly asymmetric, as the conv does it
+        lr: list[int] = []
         for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
             total = d * (k - 1)
             lr += [total // 2, total - total // 2]
-        return F.pad(x, lr), (0, 0)
-    return x, tuple(pad)
+        return F.pad(x, lr)
+    if pad == (0, 0):
+        return x
+    return F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+
+
+def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The conv's input patches as rows ``[N*Ho*Wo, C*kh*kw]`` (channel-major, like
+    ``weight.view(out, -1)``): strided views and one copy, much faster than ``F.unfold``
+    on CPU."""
+    xp = _conv_padded(module, x)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    # windows of the dilated extent, then every d-th element of each window
+    v = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    v = v[..., ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
+    n, c, ho, wo = v.shape[:4]
+    return v.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
 
 def input_rows(module: nn.Module, x: torch.Tensor, bias: bool) -> tuple[torch.Tensor, int]:
     """The rows ``a`` behind A ``[T, in (+1)]`` and the batch size ``N`` of input ``x``."""
     if isinstance(module, nn.Conv2d):
-        xp, pad = _conv_input(module, x)
-        n = xp.shape[0]
-        patches = F.unfold(xp, module.kernel_size, dilation=module.dilation, padding=pad,
-                           stride=module.stride)  # [N, C*kh*kw, L], channel-major like weight
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        n = x.shape[0] if x.ndim == 4 else 1
+        rows = conv_patches(module, x)
     else:
         n = x.shape[0] if x.ndim > 1 else 1
         rows = x.reshape(-1, x.shape[-1])

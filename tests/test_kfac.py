@@ -110,12 +110,13 @@ def test_linear_sequence_input_rows_are_tokens():
 
 # -- Conv2d: numpy im2col --------------------------------------------------------------------
 
-def _im2col(x, k, stride, pad, mode):
+def _im2col(x, k, stride, pad, mode, dil=1):
     n, c, h, w = x.shape
     xp = np.pad(x, ((0, 0), (0, 0), pad[0], pad[1]), mode=mode)
-    ho = (xp.shape[2] - k) // stride + 1
-    wo = (xp.shape[3] - k) // stride + 1
-    rows = [xp[i, :, r * stride:r * stride + k, s * stride:s * stride + k].ravel()
+    ext = dil * (k - 1) + 1
+    ho = (xp.shape[2] - ext) // stride + 1
+    wo = (xp.shape[3] - ext) // stride + 1
+    rows = [xp[i, :, r * stride:r * stride + ext:dil, s * stride:s * stride + ext:dil].ravel()
             for i in range(n) for r in range(ho) for s in range(wo)]
     return np.array(rows), ho, wo
 
@@ -127,17 +128,22 @@ def _im2col(x, k, stride, pad, mode):
     dict(stride=1, padding=1, padding_mode="reflect", np_pad=((1, 1), (1, 1)), mode="reflect"),
     dict(stride=1, padding="same", padding_mode="zeros", np_pad=((1, 1), (1, 1)),
          mode="constant"),
+    dict(stride=1, padding=(2, 1), padding_mode="zeros", np_pad=((2, 2), (1, 1)),
+         mode="constant", dilation=2),
+    dict(stride=1, padding="same", padding_mode="zeros", np_pad=((2, 2), (2, 2)),
+         mode="constant", dilation=2),
 ])
 def test_conv2d_step_equals_dense_kronecker_solve(policy, cfg):
     torch.manual_seed(2)
-    conv = nn.Conv2d(2, 3, 3, stride=cfg["stride"], padding=cfg["padding"],
+    dil = cfg.get("dilation", 1)
+    conv = nn.Conv2d(2, 3, 3, stride=cfg["stride"], padding=cfg["padding"], dilation=dil,
                      padding_mode=cfg["padding_mode"]).double()
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         t = torch.randn_like(conv(x))
     W = conv.weight.detach().numpy().reshape(3, -1)
     b = conv.bias.detach().numpy()
-    rows, ho, wo = _im2col(x.numpy(), 3, cfg["stride"], cfg["np_pad"], cfg["mode"])
+    rows, ho, wo = _im2col(x.numpy(), 3, cfg["stride"], cfg["np_pad"], cfg["mode"], dil)
     a = np.hstack([rows, np.ones((rows.shape[0], 1))])
     y = a @ np.hstack([W, b[:, None]]).T                       # [N*L, out]
     e = y - t.numpy().transpose(0, 2, 3, 1).reshape(-1, 3)     # N * dL/dy per position
