@@ -208,7 +208,7 @@ class KFAC(torch.optim.Optimizer):
                 # A joins the collection only with its backward: eval-style forwards in
                 # training mode without a backward leave the factors alone
                 with torch.no_grad():
-                    layer.add(a_cov, t, grad_rows(module, g.detach(), n),
+                    layer.add(a_cov, t, grad_rows(module, g.detach()), n,
                               self._keep_rows(layer, t))
                 self._collected = True
 

@@ -91,15 +91,16 @@ def input_covariance(module: nn.Module, x: torch.Tensor, bias: bool, dtype: torc
     return cov, t, n
 
 
-def grad_rows(module: nn.Module, g: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows behind G ``[T, out]`` from the output gradient ``g``, times the batch size."""
+def grad_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """The rows behind G ``[T, out]`` from the output gradient ``g`` (before the batch-size
+    factor, which :meth:`KFACLayer.add` applies)."""
     if isinstance(module, nn.Conv2d):
         if g.ndim == 3:
             g = g.unsqueeze(0)
         rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
     else:
         rows = g.reshape(-1, g.shape[-1])
-    return rows * n
+    return rows
 
 
 class KFACLayer:
@@ -133,17 +134,19 @@ class KFACLayer:
         self.g_rows: list[torch.Tensor] = []
         self.rows = 0
 
-    def add(self, a_cov: torch.Tensor, t: int, g: torch.Tensor, keep_rows: bool) -> None:
-        """Fold one forward/backward pair into the collection (``keep_rows``: keep g's rows
-        for a Woodbury factor instead of summing ``gᵀg``)."""
+    def add(self, a_cov: torch.Tensor, t: int, g: torch.Tensor, n: int, keep_rows: bool
+            ) -> None:
+        """Fold one forward/backward pair into the collection: input covariance ``a_cov``
+        over ``t`` rows, output-gradient rows ``g`` of a batch of ``n`` (``keep_rows``: keep
+        ``n g`` for a Woodbury factor instead of summing ``n² gᵀg``)."""
         g = g.to(self.dtype)
         self.a_sum = a_cov if self.a_sum is None else self.a_sum + a_cov
         self.rows += t
         if keep_rows:
-            self.g_rows.append(g)
+            self.g_rows.append(g * n)
         else:
             self.fold_rows()
-            gg = g.mT @ g
+            gg = (g.mT @ g).mul_(n * n)  # on the small product, not the rows
             self.g_sum = gg if self.g_sum is None else self.g_sum + gg
 
     def fold_rows(self) -> None:
