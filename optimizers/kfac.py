@@ -366,7 +366,8 @@ class KFAC(torch.optim.Optimizer):
             # ν = min(1, sqrt(kl_clip / (lr² Σ ⟨NG, ∇⟩))): a tensor, no host sync
             dt = torch.float64 if all(ng.dtype == torch.float64 for _, _, ng in pairs) \
                 else torch.float32
-            vg = torch.stack([(ng * v).sum().to(dt) for _, v, ng in pairs]).sum() * (lr * lr)
+            vg = torch.stack([torch.dot(ng.reshape(-1), v.reshape(-1)).to(dt)
+                              for _, v, ng in pairs]).sum() * (lr * lr)
             tiny = torch.finfo(vg.dtype).tiny
             scale = torch.sqrt(self.kl_clip / vg.clamp_min(tiny)).clamp(max=1.0)
         for layer, _, ng in pairs:
@@ -377,24 +378,39 @@ class KFAC(torch.optim.Optimizer):
         return directions
 
     def _apply(self, group: dict, directions: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Decoupled weight decay, momentum and the step, as foreach kernels per
+        (device, dtype) bucket: the same arithmetic as a loop, without its per-tensor cost."""
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        buckets: dict[tuple, tuple[list, list, list]] = {}
         for p in group["params"]:
             d = directions.get(p)
             if d is None:
                 if p.grad is None:
                     continue
                 d = p.grad
-            if wd:
-                p.mul_(1 - lr * wd)
+            params, dirs, bufs = buckets.setdefault((p.device, p.dtype), ([], [], []))
+            params.append(p)
             if momentum:
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = state["momentum_buffer"] = d.detach().clone()
+                    state["momentum_buffer"] = d.detach().clone()
                 else:
-                    buf.mul_(momentum).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
+                    bufs.append(buf)
+                    dirs.append(d)
+                continue
+            dirs.append(d)
+        for params, dirs, bufs in buckets.values():
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            if momentum:
+                if bufs:
+                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_add_(bufs, dirs)
+                steps = [self.state[p]["momentum_buffer"] for p in params]
+            else:
+                steps = dirs
+            torch._foreach_add_(params, steps, alpha=-lr)
 
     def _emit(self) -> None:
         bus = self.bus
@@ -479,8 +495,8 @@ class KFAC(torch.optim.Optimizer):
 
 
 def _running(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
-    """Running average; the first estimate starts it, a non-finite one is not folded in."""
+    """Running average; the first estimate starts it."""
     if old is None:
         return new.clone()
-    blended = old * decay + new * (1 - decay)
-    return torch.where(torch.isfinite(new).all(), blended, old)
+    # a non-finite batch poisons the average; the inverse refresh finds it and restarts it
+    return torch.lerp(old, new, 1 - decay)
