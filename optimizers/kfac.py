@@ -22,7 +22,7 @@ from torch import nn
 
 import hooks
 from optimizers import kfac_dist
-from optimizers.kfac_layers import KFACLayer, grad_rows, input_covariance, unsupported_reason
+from optimizers.kfac_layers import KFACLayer, grad_columns, input_covariance, unsupported_reason
 from optimizers.kfac_math import (
     damped_condition,
     factored_damping,
@@ -208,7 +208,7 @@ class KFAC(torch.optim.Optimizer):
                 # A joins the collection only with its backward: eval-style forwards in
                 # training mode without a backward leave the factors alone
                 with torch.no_grad():
-                    layer.add(a_cov, t, grad_rows(module, g.detach()), n,
+                    layer.add(a_cov, t, grad_columns(module, g.detach()), n,
                               self._keep_rows(layer, t))
                 self._collected = True
 

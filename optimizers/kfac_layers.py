@@ -65,6 +65,23 @@ def _input_columns(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, in
     return x.reshape(-1, x.shape[-1]).mT, (x.shape[0] if x.ndim > 1 else 1)
 
 
+def gram(cols: torch.Tensor) -> torch.Tensor:
+    """``cols @ colsᵀ``, computing the symmetric result's lower half by blocks (3/4 of the
+    multiply-adds) when it is large enough for that to pay."""
+    k = cols.shape[0]
+    if k < 128:
+        return cols @ cols.mT
+    h = k // 2
+    top, bottom = cols[:h], cols[h:]
+    out = cols.new_empty((k, k))
+    out[:h, :h] = top @ top.mT
+    low = bottom @ top.mT
+    out[h:, :h] = low
+    out[:h, h:] = low.mT
+    out[h:, h:] = bottom @ bottom.mT
+    return out
+
+
 def input_covariance(module: nn.Module, x: torch.Tensor, bias: bool, dtype: torch.dtype
                      ) -> tuple[torch.Tensor, int, int]:
     """``(Σ a aᵀ, T, N)`` over the rows of input ``x``; the bias block is filled from the
@@ -72,7 +89,7 @@ def input_covariance(module: nn.Module, x: torch.Tensor, bias: bool, dtype: torc
     cols, n = _input_columns(module, x)
     cols = cols.to(dtype)
     t = cols.shape[1]
-    cov = cols @ cols.mT
+    cov = gram(cols)
     if bias:
         k = cov.shape[0]
         aug = cov.new_empty((k + 1, k + 1))
@@ -85,16 +102,15 @@ def input_covariance(module: nn.Module, x: torch.Tensor, bias: bool, dtype: torc
     return cov, t, n
 
 
-def grad_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """The rows behind G ``[T, out]`` from the output gradient ``g`` (before the batch-size
-    factor, which :meth:`KFACLayer.add` applies)."""
+def grad_columns(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """The output-gradient rows behind G, as columns ``[out, T]``, from the output gradient
+    ``g`` (before the batch-size factor, which :meth:`KFACLayer.add` applies)."""
     if isinstance(module, nn.Conv2d):
         if g.ndim == 3:
             g = g.unsqueeze(0)
-        rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-    else:
-        rows = g.reshape(-1, g.shape[-1])
-    return rows
+        # channel-first copy: its inner loop runs along contiguous positions
+        return g.transpose(0, 1).reshape(g.shape[1], -1)
+    return g.reshape(-1, g.shape[-1]).mT
 
 
 class KFACLayer:
@@ -131,8 +147,8 @@ class KFACLayer:
     def add(self, a_cov: torch.Tensor, t: int, g: torch.Tensor, n: int, keep_rows: bool
             ) -> None:
         """Fold one forward/backward pair into the collection: input covariance ``a_cov``
-        over ``t`` rows, output-gradient rows ``g`` of a batch of ``n`` (``keep_rows``: keep
-        ``n g`` for a Woodbury factor instead of summing ``n² gᵀg``)."""
+        over ``t`` rows, output-gradient columns ``g`` ``[out, t]`` of a batch of ``n``
+        (``keep_rows``: keep ``n g`` for a Woodbury factor instead of summing ``n² g gᵀ``)."""
         g = g.to(self.dtype)
         self.a_sum = a_cov if self.a_sum is None else self.a_sum + a_cov
         self.rows += t
@@ -140,14 +156,14 @@ class KFACLayer:
             self.g_rows.append(g * n)
         else:
             self.fold_rows()
-            gg = (g.mT @ g).mul_(n * n)  # on the small product, not the rows
+            gg = (g @ g.mT).mul_(n * n)  # on the small product, not the rows
             self.g_sum = gg if self.g_sum is None else self.g_sum + gg
 
     def fold_rows(self) -> None:
-        """Turn kept rows into the dense sum ``Σ gᵀg`` (the layer goes the eig way)."""
+        """Turn kept rows into the dense sum ``Σ g gᵀ`` (the layer goes the eig way)."""
         if self.g_rows:
-            rows = torch.cat(self.g_rows) if len(self.g_rows) > 1 else self.g_rows[0]
-            gg = rows.mT @ rows
+            cols = torch.cat(self.g_rows, 1) if len(self.g_rows) > 1 else self.g_rows[0]
+            gg = cols @ cols.mT
             self.g_sum = gg if self.g_sum is None else self.g_sum + gg
             self.g_rows = []
 
@@ -155,7 +171,8 @@ class KFACLayer:
         """The kept rows of this collection ``[t, out]`` (empty when none)."""
         if not self.g_rows:
             return self.weight.new_zeros((0, self.out_dim), dtype=self.dtype)
-        return torch.cat(self.g_rows) if len(self.g_rows) > 1 else self.g_rows[0]
+        cols = torch.cat(self.g_rows, 1) if len(self.g_rows) > 1 else self.g_rows[0]
+        return cols.mT
 
     # -- inverses ------------------------------------------------------------------------
     def clear_inverse(self) -> None:

@@ -535,3 +535,11 @@ def test_cuda_woodbury_storage(store, dtype):
     ref_opt.step()
     got, ref = (w0 - lin.weight.detach()).cpu(), cw0 - cpu_twin.weight.detach()
     assert (got - ref).norm() / ref.norm() < 3e-2
+
+
+@pytest.mark.parametrize("k", [7, 128, 131])
+def test_blocked_gram_equals_numpy(k):
+    from optimizers.kfac_layers import gram
+
+    c = np.random.default_rng(k).standard_normal((k, 40))
+    np.testing.assert_allclose(gram(torch.tensor(c)).numpy(), c @ c.T, rtol=1e-12, atol=1e-12)

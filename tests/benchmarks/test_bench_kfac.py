@@ -38,4 +38,4 @@ def test_kfac_amortized_step_vs_sgd(probe_gate, cnn_batch):
                 bus=hooks.Bus())
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.05, momentum=0.9)
     probe_gate(step_callable(kfac_model, kfac, x, y), step_callable(sgd_model, sgd, x, y),
-               max_ratio=1.5, warmup=1, rounds=5, inner=100)
+               max_ratio=1.5, warmup=1, rounds=7, inner=100)
