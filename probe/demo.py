@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import probe
-from optimizers import BlockSchedule, Falcon, Muon
+from optimizers import KFAC, BlockSchedule, Falcon, Muon
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
@@ -35,6 +35,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
         lr=0.02, lr_fallback=3e-3, wd_fallback=1e-4),
     "falcon": lambda model, total: Falcon(model.named_parameters(), lr=3e-3,
                                           total_steps=total),
+    "kfac": lambda model, total: KFAC(model, lr=0.05, momentum=0.9, weight_decay=1e-4,
+                                      damping=1e-3, factor_every=10, inverse_every=50),
 }
 
 

@@ -1,9 +1,9 @@
 """Every optimizer under the probe: hostile gradients stay finite, 10 + 10 steps equal 20,
 a skipped step is bit-identical.
 
-To cover a project optimizer, add a factory to ``OPTIMIZERS`` below: a function taking the
-model's ``named_parameters()`` list and returning the optimizer, e.g.
-``"Muon": lambda named: optimizers.Muon(named, lr=0.02)``. Every test here runs on it.
+To cover an optimizer, add a factory to ``OPTIMIZERS`` below: a function taking the model
+and returning the optimizer, e.g. ``"Muon": lambda m: optimizers.Muon(m.named_parameters())``.
+Every test here runs on it.
 """
 
 import io
@@ -20,7 +20,8 @@ import probe
 from tests.helpers import Recorder
 
 
-def _block_schedule(named):
+def _block_schedule(model):
+    named = list(model.named_parameters())
     # one block per layer of _model(); ParameterList holds the very same Parameter objects
     layers: dict[str, list] = {}
     for name, p in named:
@@ -32,10 +33,11 @@ def _block_schedule(named):
 
 OPTIMIZERS = {
     "BlockSchedule": _block_schedule,
-    "Falcon": lambda named: optimizers.Falcon(named, lr=1e-2, total_steps=20),
-    "Muon": lambda named: optimizers.Muon(named, lr=0.02, weight_decay=0.01),
-    "AdamW": lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1),
-    "SGD": lambda named: torch.optim.SGD([p for _, p in named], lr=0.05, momentum=0.9,
+    "Falcon": lambda m: optimizers.Falcon(m.named_parameters(), lr=1e-2, total_steps=20),
+    "KFAC": lambda m: optimizers.KFAC(m, lr=0.05, factor_every=2, inverse_every=3),
+    "Muon": lambda m: optimizers.Muon(m.named_parameters(), lr=0.02, weight_decay=0.01),
+    "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+    "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,
                                          nesterov=True, weight_decay=1e-4),
 }
 
@@ -87,7 +89,7 @@ def _hostile(kind, shape, scale, seed):
 def test_hostile_gradients_keep_updates_finite(name, kind, scale, seed):
     model = _model()
     named = list(model.named_parameters())
-    opt = OPTIMIZERS[name](named)
+    opt = OPTIMIZERS[name](model)
     with probe.attach(opt, model=model, every=1, collectors=[Recorder()], bus=_bus(opt)):
         for step in range(3):
             for i, (_, p) in enumerate(named):
@@ -100,12 +102,12 @@ def test_hostile_gradients_keep_updates_finite(name, kind, scale, seed):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_resume_after_10_steps_equals_20_steps(name, tmp_path):
     ref = _model()
-    ref_opt = OPTIMIZERS[name](list(ref.named_parameters()))
+    ref_opt = OPTIMIZERS[name](ref)
     with probe.attach(ref_opt, model=ref, every=1, collectors=[Recorder()], bus=_bus(ref_opt)):
         _train(ref, ref_opt, 20)
 
     first = _model()
-    opt = OPTIMIZERS[name](list(first.named_parameters()))
+    opt = OPTIMIZERS[name](first)
     with probe.attach(opt, model=first, every=1, collectors=[Recorder()], bus=_bus(opt)):
         _train(first, opt, 10)
         buf = io.BytesIO()
@@ -114,7 +116,7 @@ def test_resume_after_10_steps_equals_20_steps(name, tmp_path):
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     second = _model()
-    opt2 = OPTIMIZERS[name](list(second.named_parameters()))
+    opt2 = OPTIMIZERS[name](second)
     with probe.attach(opt2, model=second, every=1, collectors=[Recorder()],
                       bus=_bus(opt2)) as p:
         second.load_state_dict(ckpt["model"])
@@ -129,7 +131,7 @@ def test_resume_after_10_steps_equals_20_steps(name, tmp_path):
 def test_skipped_step_leaves_parameters_and_state_bit_identical(name):
     model = _model()
     named = list(model.named_parameters())
-    opt = OPTIMIZERS[name](named)
+    opt = OPTIMIZERS[name](model)
     with probe.attach(opt, model=model, every=1, collectors=[Recorder()], bus=_bus(opt),
                       on_nonfinite="skip") as p:
         _train(model, opt, 3)
