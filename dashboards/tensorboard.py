@@ -12,22 +12,40 @@ from dashboards.layouts import build_layout
 from hooks import Event, topics
 
 _HPARAM_TYPES = (bool, int, float, str)
-_opened: dict[str, int] = {}  # logdir -> wall-clock second its last event file was opened
-
-
-def _next_file_second(logdir: str) -> None:
-    """Wait out the second if this process already opened an event file in ``logdir`` in it.
-
-    Event files are named ``...tfevents.<second>.<host>.<pid>.<counter>`` and TensorBoard reads
-    them in name order: within one second ``.10`` sorts before ``.9``, so a resumed run's file
-    would be read before the first one and TensorBoard would purge the earlier steps.
-    """
-    key = os.path.abspath(logdir)
-    now = time.time()
-    if _opened.get(key) == int(now):
-        time.sleep(int(now) + 1 - now + 1e-3)
-    _opened[key] = int(time.time())
 _METRICS = ("eval/accuracy", "eval/loss", "train/loss")
+
+
+def _event_file(writer) -> str | None:
+    # tensorboard's EventFileWriter keeps its path in a private attribute; absent, skip the check
+    ev = getattr(writer._get_file_writer(), "event_writer", None)
+    return getattr(ev, "_file_name", None)
+
+
+def _read_out_of_order(path: str) -> bool:
+    """True when TensorBoard, reading event files in name order, would read ``path`` before
+    an older file of the same folder (``...<second>.<host>.<pid>.10`` sorts before ``.9``)."""
+    folder, base = os.path.split(path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any(n > base for n in names if n.startswith("events.out.tfevents.") and n != base)
+
+
+def open_writer(logdir: str, **kwargs):
+    """A SummaryWriter whose event file TensorBoard reads after the folder's earlier ones, so
+    a resumed run's steps never come first (TensorBoard would purge the older steps)."""
+    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it lazy
+
+    writer = SummaryWriter(log_dir=logdir, **kwargs)
+    path = _event_file(writer)
+    if path and _read_out_of_order(path):  # rare: same second, counter gained a digit
+        writer.close()
+        os.remove(path)
+        now = time.time()
+        time.sleep(int(now) + 1 - now + 1e-3)  # the next second sorts after every older file
+        writer = SummaryWriter(log_dir=logdir, **kwargs)
+    return writer
 
 
 def check_hparams(hparams: dict | None) -> dict | None:
@@ -59,12 +77,9 @@ class TensorBoard:
         if not isinstance(flush_secs, int) or flush_secs < 1:
             raise ValueError(f"flush_secs must be an int >= 1, got {flush_secs!r}")
         self.hparams = check_hparams(hparams)
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it lazy
-
         self.logdir = os.fspath(logdir)
-        _next_file_second(self.logdir)
-        self.writer = SummaryWriter(log_dir=self.logdir, flush_secs=flush_secs,
-                                    filename_suffix=filename_suffix)
+        self.writer = open_writer(self.logdir, flush_secs=flush_secs,
+                                  filename_suffix=filename_suffix)
         self.scalar_tags: dict[str, set[str]] = {}
         self.layout: dict[str, dict[str, list]] = {}
         self._last_step = 0

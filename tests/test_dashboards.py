@@ -67,3 +67,15 @@ def test_summary_aggregates():
     assert r["grad/norm"]["count"] == 2 and r["grad/norm"]["nonfinite"] == 1
     assert r["grad/norm"]["mean"] == pytest.approx(2.5)
     assert r["muon/routing"]["last"] == "| name | route |"
+
+
+def test_event_files_of_one_folder_sort_in_creation_order(tmp_path):
+    # TensorBoard reads event files in name order; a resumed run must come after the first
+    from dashboards.tensorboard import _event_file
+
+    made = []
+    for _ in range(30):
+        tb = TensorBoard(tmp_path)
+        made.append(_event_file(tb.writer).rsplit("/", 1)[-1])
+        tb.close()
+    assert sorted(made) == made
