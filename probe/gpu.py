@@ -7,7 +7,9 @@ or library the sampler starts no thread and emits one ``gpu/status`` text saying
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -76,6 +78,7 @@ class Sampler:
         self._window: list[list[tuple[float, ...]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._atexit = None
         self._reported = False
         self._init(nvml, devs)
         if start and self.status is None:
@@ -117,6 +120,10 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="optprobe-gpu-sampler",
                                         daemon=True)
         self._thread.start()
+        # stop the thread and shut NVML down at interpreter exit too, if close() never ran
+        ref = weakref.ref(self)
+        self._atexit = lambda: (ref() is not None and ref().close())
+        atexit.register(self._atexit)
 
     def _run(self) -> None:
         period = 1.0 / self.hz
@@ -179,6 +186,9 @@ class Sampler:
     def close(self, timeout: float = 2.0) -> None:
         """Stop and join the thread, then shut NVML down."""
         self._stop.set()
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
+            self._atexit = None
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None

@@ -213,3 +213,28 @@ def test_probe_auto_samples_the_device_in_use():
     assert {e.param for e in util} == {f"{dev}/mean", f"{dev}/max"}
     assert {e.step for e in util} <= {0, 5}
     assert rec.values("cuda/memory_allocated", str(dev))[-1] > 512 * 512 * 4
+
+
+def test_sampler_thread_stops_and_nvml_shuts_down_at_interpreter_exit(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    marker = tmp_path / "shutdown"
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {root!r})
+        from probe.gpu import Sampler
+        from tests.test_gpu import FakeNVML
+        class Marked(FakeNVML):
+            def nvmlShutdown(self):
+                open({str(marker)!r}, "w").write("shutdown")
+        s = Sampler(hz=50, nvml=Marked(count=1))
+        assert s.running
+        # no close(): the interpreter exits with the thread running
+    """)
+    res = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    assert res.returncode == 0, res.stderr.decode()
+    assert marker.read_text() == "shutdown"
