@@ -245,10 +245,13 @@ def render(runs: list[Run], topic: str | None = None, target: float | None = Non
         st = step_times(r)
         stages = stage_medians(r)
         if stages:
-            step_med = float(np.median(st)) if st.size else math.nan
+            # share of the step time summed over the sampled steps: a stage that runs only
+            # now and then (an eigendecomposition every 100 steps) is weighed by how often
+            step_total = float(np.nansum(st)) if st.size else math.nan
             lines.append(f"   {'stage':<32} {'median ms':>11} {'of step':>8}")
             for name, ms in stages:
-                share = f"{100 * ms / step_med:7.1f}%" if step_med > 0 else f"{'-':>8}"
+                total = float(np.nansum(r.values("time/" + name)))
+                share = f"{100 * total / step_total:7.1f}%" if step_total > 0 else f"{'-':>8}"
                 lines.append(f"   {name:<32} {_fmt(ms)} {share}")
         diag = [(t, r.values(t), r.series(t)[2]) for fam in KEY_DIAGNOSTICS.values()
                 for t in fam if t in r.by_topic]
