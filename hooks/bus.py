@@ -181,27 +181,22 @@ class Bus:
 
     def emit(self, topic: str, value: Any, **tags: Any) -> None:
         """Queue a value (float, 0-d or n-d tensor, list of floats, str) for this step."""
-        code = self._want.get(topic)
-        if code is None:
-            code = self._resolve_want(topic)
-        if code == _NONE or (code == _SAMPLED and not self._sampled):
-            return
-        if len(self._pending) >= self.max_pending:
-            self.dropped_events += 1
-            return
-        self._pending.append(_Pending(topic, self._step, value, tags, time.time(), code))
+        self._queue(topic, value, tags, 1)
 
     def emit_each(self, topic: str, values: torch.Tensor, tags: list[dict]) -> None:
         """Queue one scalar per element of the 1-d ``values``, element i tagged ``tags[i]``."""
+        self._queue(topic, values, list(tags), len(tags))
+
+    def _queue(self, topic: str, value: Any, tags: dict | list, count: int) -> None:
         code = self._want.get(topic)
         if code is None:
             code = self._resolve_want(topic)
         if code == _NONE or (code == _SAMPLED and not self._sampled):
             return
         if len(self._pending) >= self.max_pending:
-            self.dropped_events += len(tags)
+            self.dropped_events += count
             return
-        self._pending.append(_Pending(topic, self._step, values, list(tags), time.time(), code))
+        self._pending.append(_Pending(topic, self._step, value, tags, time.time(), code))
 
     def span(self, name: str, device: torch.device | str | None = None, **tags: Any):
         """Context manager timing a block as ``time/<name>`` and naming it in profiler traces."""
