@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler
 from probe.names import parameter_names
 from probe.skip import SkippedStep
-from probe.stats import abs_sums, step_stats, value_sample
+from probe.stats import abs_sums, nonfinite_mask, step_stats, value_sample
 
 _STAT_TOPICS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
@@ -190,14 +189,15 @@ class Probe:
 
     def _check_nonfinite(self, bus: hooks.Bus, params: list[torch.Tensor],
                          tags: list[dict]) -> None:
-        m = abs_sums([p.grad for p in params])
-        if m.device.type == "cpu":  # reading host memory is no sync: emit only what fired
-            bad = [t for v, t in zip(m.tolist(), tags) if not math.isfinite(v)]
+        grads = [p.grad for p in params]
+        if grads[0].device.type == "cpu":  # reading host memory is no sync: emit what fired
+            bad = [t for f, t in zip(nonfinite_mask(grads), tags) if f]
             for t in bad:
                 bus.emit("anomaly/nonfinite", 1.0, **t)
             if bad or bus.sampled:
                 bus.emit("anomaly/nonfinite", float(len(bad)))
         else:  # on CUDA the flags stay on device and resolve with the step's batch
+            m = abs_sums(grads)
             flags = (~torch.isfinite(m)).float()
             bus.emit_each("anomaly/nonfinite", flags, tags)
             bus.emit("anomaly/nonfinite", flags.sum())
@@ -205,8 +205,7 @@ class Probe:
     def _skip_if_nonfinite(self, bus: hooks.Bus, optimizer, params: list[torch.Tensor],
                            tags: list[dict]) -> None:
         # the user asked to skip: one host read of the flags per step decides before the step
-        flags = (~torch.isfinite(abs_sums([p.grad for p in params]))).tolist()
-        bad = [t for f, t in zip(flags, tags) if f]
+        bad = [t for f, t in zip(nonfinite_mask([p.grad for p in params]), tags) if f]
         if bus.wants("anomaly/nonfinite"):
             for t in bad:
                 bus.emit("anomaly/nonfinite", 1.0, **t)

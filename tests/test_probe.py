@@ -185,3 +185,21 @@ def test_optimizer_with_its_own_bus_rejects_another():
         probe.attach(opt, bus=hooks.Bus())
     with probe.attach(opt, collectors=[]) as p:
         assert p.bus is opt.bus
+
+
+def test_nonfinite_check_leaves_gradients_bit_identical_and_names_culprits():
+    from probe.stats import nonfinite_mask
+
+    tiny = torch.finfo(torch.float32).tiny
+    special = torch.tensor([-0.0, tiny / 4, -tiny / 8, 3.0e38, 1e30, -1e-30, 1.5])
+    grads = [special.clone(), torch.randn(3, 4), torch.randn(5).to(torch.float64)]
+    before = [g.clone() for g in grads]
+    assert nonfinite_mask(grads) == [False, False, False]
+    for g, b in zip(grads, before):  # every bit, signed zero and subnormals included
+        assert torch.equal(g.view(torch.uint8) if g.dtype != torch.float64 else g,
+                           b.view(torch.uint8) if b.dtype != torch.float64 else b)
+        assert torch.equal(torch.signbit(g), torch.signbit(b))
+    grads[1][2, 3] = float("nan")
+    grads[2][0] = float("-inf")
+    assert nonfinite_mask(grads) == [False, True, True]
+    assert torch.isnan(grads[1][2, 3]) and grads[2][0] == float("-inf")
