@@ -108,7 +108,6 @@ class Bus:
         self._timers: list[tuple[str, CudaTimer, dict, int, float]] = []
         self._inflight: list[_InFlight] = []
         self._step = 0
-        self._in_step = False
         self._sampled = False
         self.dropped_events = 0
         self.collector_errors = 0
@@ -215,7 +214,9 @@ class Bus:
         if not self.wants(topic):
             return NULL_SPAN
         dev = self.device if device is None else torch.device(device)
-        return Span(self, topic, tags, True, dev if dev.type == "cuda" else None, mark=False)
+        if dev.type != "cuda":
+            return CpuSpan(self, topic, tags)
+        return Span(self, topic, tags, True, dev, mark=False)
 
     def _add_elapsed(self, topic: str, ms: float, tags: dict) -> None:
         # the span was opened because the topic is wanted: skip emit's checks but the bound
@@ -235,13 +236,11 @@ class Bus:
         """Open step ``step``; it is sampled when ``step % every == 0`` unless ``sampled``
         says otherwise (the probe samples every step the profiler traces)."""
         self._step = int(step)
-        self._in_step = True
         self._sampled = self._step % self._every == 0 if sampled is None else bool(sampled)
 
     def end_step(self) -> None:
         """Resolve the step's values in one batch per device and deliver them."""
         sampled = self._sampled
-        self._in_step = False
         self._sampled = False
         self._deliver(self._resolve(sampled, wait=False))
 
