@@ -18,10 +18,10 @@ from tests.test_falcon_filter import ref_filter, ref_mask
 FILTERABLE = ["0.weight", "3.weight"]  # 3x3 and 5x5 convs; 5.weight is 1x1
 
 
-def net(dtype=torch.float64) -> nn.Module:
+def net(dtype=torch.float64, first_bias: bool = True) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(2, 6, 3, padding=1, bias=first_bias), nn.BatchNorm2d(6), nn.ReLU(),
         nn.Conv2d(6, 5, 5, padding=2), nn.ReLU(), nn.Conv2d(5, 4, 1), nn.Flatten(),
         nn.Linear(4 * 6 * 6, 3)).to(dtype)
 
@@ -76,7 +76,10 @@ def test_filtering_nothing_is_adamw_step_for_step(apply_to):
 
 def test_filtered_steps_match_reference_filter_then_adamw():
     total, interval = 5, 2
-    model, ref_model = net(), net()
+    # no bias before the BatchNorm: its gradient is zero up to rounding, which Adam's
+    # normalisation turns into lr-sized steps, so the filter's last-bit differences from the
+    # numpy reference would grow there into a mismatch that says nothing about the filter
+    model, ref_model = net(first_bias=False), net(first_bias=False)
     opt = Falcon(model.named_parameters(), lr=1e-2, weight_decay=0.05, backend="svd", rank_k=1,
                  retain_energy=(0.95, 0.5), skip_mix=(0.0, 0.6), total_steps=total,
                  mask_interval=interval, bus=hooks.Bus())
