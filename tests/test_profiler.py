@@ -4,6 +4,7 @@ the run listed by TensorBoard's torch-tb-profiler plugin."""
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -155,7 +156,8 @@ def test_tensorboard_profiler_plugin_lists_the_run(tmp_path):
     cmd = [tb] if os.path.exists(tb) else [sys.executable, "-m", "tensorboard.main"]
     proc = subprocess.Popen(cmd + ["--logdir", str(tmp_path), "--host", "127.0.0.1",
                                    "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # the plugin spawns a loader process
     url = f"http://127.0.0.1:{port}/data/plugin/pytorch_profiler/runs"
     runs, deadline = None, time.monotonic() + 20
     try:
@@ -174,8 +176,8 @@ def test_tensorboard_profiler_plugin_lists_the_run(tmp_path):
                                     f"workers?run=exp1&view=Trace", timeout=5) as r:
             workers = json.load(r)
         assert any(w.endswith("_rank0") for w in workers)
-    finally:
-        proc.kill()
+    finally:  # the whole group, or the plugin's loader outlives the test
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
 
