@@ -18,11 +18,13 @@ class Summary:
 
     def handle(self, events: list[Event]) -> None:
         stats = self.stats
+        isfinite = math.isfinite
         for e in events:
             v = e.value
             if isinstance(v, list):
                 continue
-            tag = e.tag_path()
+            param = e.tags.get("param")
+            tag = f"{e.topic}/{param}" if param else e.topic  # Event.tag_path, inlined
             s = stats.get(tag)
             if isinstance(v, str):
                 stats[tag] = {"topic": e.topic, "count": (s or {}).get("count", 0) + 1,
@@ -35,10 +37,12 @@ class Summary:
             s["count"] += 1
             s["last"] = v
             s["step"] = e.step
-            if math.isfinite(v):
+            if isfinite(v):
                 s["sum"] += v
-                s["min"] = min(s["min"], v)
-                s["max"] = max(s["max"], v)
+                if v < s["min"]:
+                    s["min"] = v
+                if v > s["max"]:
+                    s["max"] = v
             else:
                 s["nonfinite"] += 1
 

@@ -48,6 +48,7 @@ class Subscription:
         self.patterns = patterns
         self.name = _collector_name(collector)
         self.errors = 0
+        self.everything = "*" in patterns  # takes every event: no per-event matching
         self._match: dict[str, bool] = {}
 
     def matches(self, topic: str) -> bool:
@@ -242,7 +243,10 @@ class Bus:
         """Resolve the step's values in one batch per device and deliver them."""
         sampled = self._sampled
         self._sampled = False
-        self._deliver(self._resolve(sampled, wait=False))
+        if (self._pending or self._inflight or self._timers
+                or self.dropped_events != self._reported_dropped
+                or self.collector_errors != self._reported_errors):
+            self._deliver(self._resolve(sampled, wait=False))
 
     def flush(self) -> None:
         """Resolve and deliver everything pending, waiting for in-flight CUDA work."""
@@ -274,12 +278,18 @@ class Bus:
         for p in pending:
             v = p.value
             if isinstance(v, torch.Tensor):
-                by_device.setdefault(v.device, []).append((p, v.detach().reshape(-1)))
+                # each call is a dispatch: skip the ones that would return the tensor itself
+                if v.requires_grad:
+                    v = v.detach()
+                if v.dim() != 1:
+                    v = v.reshape(-1)
+                if v.dtype != torch.float32:
+                    v = v.float()
+                by_device.setdefault(v.device, []).append((p, v))
             else:
                 self._append(events, p, v, sampled)
         for device, items in by_device.items():
-            flat = torch.cat([t.float() for _, t in items]) if len(items) > 1 \
-                else items[0][1].float()
+            flat = torch.cat([t for _, t in items]) if len(items) > 1 else items[0][1]
             self.host_transfers += 1
             if device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
@@ -298,13 +308,17 @@ class Bus:
 
     def _split(self, events: list[Event], items, values: list) -> None:
         i = 0
+        add = events.append
         for p, n, sampled in items:
             chunk = values[i:i + n]
             i += n
             if isinstance(p.tags, list):  # emit_each: one scalar event per element
+                topic, step, wall = p.topic, p.step, p.wall
+                quiet_alarm = p.delivery == _ALARM and not sampled
                 for v, tags in zip(chunk, p.tags):
-                    self._append(events, _Pending(p.topic, p.step, None, tags, p.wall,
-                                                  p.delivery), v, sampled)
+                    if quiet_alarm and not v:
+                        continue
+                    add(Event(topic, step, v, _str_tags(tags), wall))
             else:
                 self._append(events, p, chunk[0] if n == 1 and _is_scalar(p.topic) else chunk,
                              sampled)
@@ -341,12 +355,7 @@ class Bus:
                 value = [float(x) for x in value]
             else:
                 value = str(value)
-        tags = p.tags
-        if tags:
-            tags = {k: v if type(v) is str else str(v) for k, v in tags.items()}
-        else:
-            tags = {}
-        events.append(Event(p.topic, p.step, value, tags, p.wall))
+        events.append(Event(p.topic, p.step, value, _str_tags(p.tags), p.wall))
 
     def _health(self, events: list[Event]) -> None:
         now = time.time()
@@ -366,7 +375,8 @@ class Bus:
         if not events:
             return
         for sub in list(self._subs):
-            mine = [e for e in events if sub.matches(e.topic)]
+            mine = list(events) if sub.everything else [e for e in events
+                                                        if sub.matches(e.topic)]
             if not mine:
                 continue
             try:
@@ -381,6 +391,17 @@ class Bus:
             print(f"optprobe: collector {sub.name} failed in {where}(): {exc!r}; training "
                   f"goes on, further failures are counted in probe/collector_errors",
                   file=sys.stderr)
+
+
+def _str_tags(tags: dict | None) -> dict:
+    """A copy of ``tags`` (collectors may keep it) with every value a str."""
+    if not tags:
+        return {}
+    out = dict(tags)
+    for k, v in out.items():
+        if type(v) is not str:
+            out[k] = str(v)
+    return out
 
 
 def _is_scalar(topic: str) -> bool:

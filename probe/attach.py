@@ -18,7 +18,7 @@ from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler
 from probe.names import parameter_names
 from probe.skip import SkippedStep
-from probe.stats import abs_sums, nonfinite_mask, step_stats, value_sample
+from probe.stats import FiniteCheck, abs_sums, snapshot, step_stats, value_sample
 
 _STAT_TOPICS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
@@ -95,6 +95,7 @@ class Probe:
         self._params_key: tuple = ()
         self._params_cache: tuple[list, list] = ([], [])
         self._before: list[torch.Tensor] | None = None
+        self._finite = FiniteCheck()
         self._step_timer = None
         self._overhead = 0.0
         self._closed = False
@@ -144,6 +145,11 @@ class Probe:
         return Sampler([self.bus.device] if cuda else None)
 
     # -- parameters ----------------------------------------------------------------------
+    def _grads(self) -> list[torch.Tensor]:
+        # what every step needs; names and tags wait for a sampled step or an anomaly
+        return [g for group in self.optimizer.param_groups for p in group["params"]
+                if (g := p.grad) is not None]
+
     def _params(self) -> tuple[list[torch.Tensor], list[dict]]:
         key = tuple(id(p) for g in self.optimizer.param_groups for p in g["params"]
                     if p.grad is not None)
@@ -175,23 +181,27 @@ class Probe:
         bus.begin_step(self._step, sampled=True if prof is not None and prof.recording else None)
         if prof is not None:
             prof.mark(self._step)
-        params, tags = self._params()
-        if params and self.on_nonfinite == "skip":
-            self._skip_if_nonfinite(bus, optimizer, params, tags)
-        elif params and bus.wants("anomaly/nonfinite"):
-            self._check_nonfinite(bus, params, tags)
-        if bus.sampled and params and (self.reduce is not None
-                                       or any(bus.wants(t) for t in _NEEDS_BEFORE)):
-            self._before = [p.detach().clone() for p in params]
+        grads = self._grads()
+        # the snapshot comes first: a skipped step hides the gradients that select params
+        if bus.sampled and grads and (self.reduce is not None
+                                      or any(bus.wants(t) for t in _NEEDS_BEFORE)):
+            self._before = snapshot(self._params()[0])
+        if grads and self.on_nonfinite == "skip":
+            self._skip_if_nonfinite(bus, optimizer, grads)
+        elif grads and bus.wants("anomaly/nonfinite"):
+            self._check_nonfinite(bus, grads)
         self._step_timer = bus.timer("step/time_ms")
         self._overhead = time.perf_counter() - t0
         self._step_timer.__enter__()
 
-    def _check_nonfinite(self, bus: hooks.Bus, params: list[torch.Tensor],
-                         tags: list[dict]) -> None:
-        grads = [p.grad for p in params]
+    def _culprits(self, grads: list[torch.Tensor]) -> list[dict]:
+        """The tags of the gradients holding a NaN or Inf (a host read: a sync on CUDA)."""
+        mask = self._finite.mask(grads)
+        return [t for f, t in zip(mask, self._params()[1]) if f] if any(mask) else []
+
+    def _check_nonfinite(self, bus: hooks.Bus, grads: list[torch.Tensor]) -> None:
         if grads[0].device.type == "cpu":  # reading host memory is no sync: emit what fired
-            bad = [t for f, t in zip(nonfinite_mask(grads), tags) if f]
+            bad = self._culprits(grads)
             for t in bad:
                 bus.emit("anomaly/nonfinite", 1.0, **t)
             if bad or bus.sampled:
@@ -199,13 +209,13 @@ class Probe:
         else:  # on CUDA the flags stay on device and resolve with the step's batch
             m = abs_sums(grads)
             flags = (~torch.isfinite(m)).float()
-            bus.emit_each("anomaly/nonfinite", flags, tags)
+            bus.emit_each("anomaly/nonfinite", flags, self._params()[1])
             bus.emit("anomaly/nonfinite", flags.sum())
 
-    def _skip_if_nonfinite(self, bus: hooks.Bus, optimizer, params: list[torch.Tensor],
-                           tags: list[dict]) -> None:
+    def _skip_if_nonfinite(self, bus: hooks.Bus, optimizer,
+                           grads: list[torch.Tensor]) -> None:
         # the user asked to skip: one host read of the flags per step decides before the step
-        bad = [t for f, t in zip(nonfinite_mask([p.grad for p in params]), tags) if f]
+        bad = self._culprits(grads)
         if bus.wants("anomaly/nonfinite"):
             for t in bad:
                 bus.emit("anomaly/nonfinite", 1.0, **t)
@@ -256,14 +266,15 @@ class Probe:
         if self.reduce is not None:
             pass  # norms, ratios and cosines came reduced; histograms below stay local
         elif self._before is not None and len(self._before) == len(params):
-            stats = step_stats(self._before, [p.detach() for p in params], grads)
-            for topic in _STAT_TOPICS:
-                bus.emit_each(topic, stats[topic], tags)
-            for topic in ("grad/norm", "param/norm", "update/norm"):
-                bus.emit(topic, stats["total/" + topic])
+            stats = step_stats(self._before, params, grads)
+            table, totals = stats["table"], stats["totals"]
+            for k, topic in enumerate(_STAT_TOPICS):
+                bus.emit_each(topic, table[k], tags)
+            for k, topic in enumerate(_STAT_TOPICS[:3]):
+                bus.emit(topic, totals[k])
             if self._hist_step() and bus.wants("update/hist"):
-                for u, t in zip(stats["updates"], tags):
-                    bus.emit("update/hist", value_sample(u), **t)
+                for n, t in zip(stats["neg_updates"], tags):
+                    bus.emit("update/hist", value_sample(n).neg(), **t)
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float()
             bus.emit_each("grad/norm", g, tags)
@@ -287,12 +298,11 @@ class Probe:
         present = torch.zeros(len(everyone), device=dev)
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
-            stats = step_stats(self._before, [p.detach() for p in params],
-                               [p.grad for p in params])
+            stats = step_stats(self._before, params, [p.grad for p in params])
             idx = torch.tensor([column[id(p)] for p in params], device=dev)
-            rows[:, idx] = torch.stack([stats[t] for t in _STAT_TOPICS]).to(dev)
+            rows[:, idx] = stats["table"].to(dev)
             present[idx] = 1.0
-            totals = torch.stack([stats["total/" + t] for t in _STAT_TOPICS[:3]]).to(dev)
+            totals = stats["totals"].to(dev)
         out, tot = distributed.reduce_stats(rows, present, totals, self.reduce,
                                             self.ranks[1])
         all_tags = [{"param": self._names.get(id(p)) or f"param{i}",

@@ -1,4 +1,10 @@
-"""Generic optimizer-step statistics, computed on device in a few fused kernels."""
+"""Generic optimizer-step statistics, computed on device in a few fused kernels.
+
+On a small model every torch call costs more than the arithmetic it does (each one meets a
+cold cache after the forward and backward passes), so these functions count their calls:
+squared norms come from one ``_foreach_powsum`` per list, the update is formed in place in
+the snapshot, and all per-parameter numbers leave in one stacked tensor.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import math
 import torch
 
 _TINY = 1e-30
+_F32 = torch.float32
 
 
 def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -18,55 +25,88 @@ def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, 1))
 
 
-def nonfinite_mask(grads: list[torch.Tensor]) -> list[bool]:
+class FiniteCheck:
     """Which gradients hold a NaN or Inf, read on the host (a sync on CUDA).
 
-    The common, clean case costs one fused pass (torch's AMP finiteness check); only when it
-    fires are the per-gradient norms computed to name the culprits.
+    The common, clean case costs one fused pass (torch's AMP finiteness check) whose flag
+    tensors are kept between calls: allocating them each step cost as much as the pass.
+    Only when it fires are the per-gradient norms computed to name the culprits.
     """
-    if _fused_all_finite(grads):
-        return [False] * len(grads)
-    return [not math.isfinite(v) for v in abs_sums(grads).tolist()]
 
+    def __init__(self) -> None:
+        self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-def _fused_all_finite(grads: list[torch.Tensor]) -> bool:
-    # torch's AMP check scans every gradient in one call and raises one flag; it multiplies
-    # them by inv_scale = 1.0 in place, which leaves every value (NaN, -0.0, subnormals)
-    # bit-identical. Gradients it does not take (sparse, mixed devices) go the slow way.
-    dev = grads[0].device
-    found = torch.zeros(1, device=dev)
-    try:
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=dev))
-    except (RuntimeError, TypeError, NotImplementedError):
+    def mask(self, grads: list[torch.Tensor]) -> list[bool]:
+        """One bool per gradient: True where it holds a NaN or Inf."""
+        if self.all_finite(grads):
+            return [False] * len(grads)
+        return [not math.isfinite(v) for v in abs_sums(grads).tolist()]
+
+    def all_finite(self, grads: list[torch.Tensor]) -> bool:
+        """True when every gradient is finite; gradients are left bit-identical."""
+        dev = grads[0].device
+        flags = self._flags.get(dev)
+        if flags is None:
+            flags = self._flags[dev] = (torch.zeros(1, device=dev), torch.ones(1, device=dev))
+        found, one = flags
+        # the AMP check multiplies by inv_scale = 1.0 in place, which leaves every value (NaN,
+        # -0.0, subnormals) bit-identical; it only ever sets `found`, so a clean pass needs no
+        # reset. Gradients it does not take (sparse, mixed devices) go the slow way.
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+        if not found.item():
+            return True
+        found.zero_()
         return False
-    return not found.item()
+
+
+def nonfinite_mask(grads: list[torch.Tensor]) -> list[bool]:
+    """Which gradients hold a NaN or Inf (a one-off :class:`FiniteCheck`)."""
+    return FiniteCheck().mask(grads)
+
+
+def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached copies of ``params`` (one fused call), taken before the step."""
+    with torch.no_grad():
+        return torch._foreach_clone(params)
 
 
 def step_stats(before: list[torch.Tensor], after: list[torch.Tensor],
                grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-parameter vectors (length P) and totals (0-d) of the generic statistics.
+    """Per-parameter vectors (length P, float32) and totals (0-d) of the generic statistics.
 
     ``grad/norm``, ``param/norm`` (before the step), ``update/norm`` (after - before),
-    ``update/ratio`` = update norm / param norm, ``update/cos_grad`` = cos(-update, grad).
+    ``update/ratio`` = update norm / param norm, ``update/cos_grad`` = cos(-update, grad);
+    ``table`` holds the five vectors as rows of one (5, P) tensor. ``before`` (a
+    :func:`snapshot`) is consumed: it holds ``before - after``, the negated update, afterwards,
+    also returned as ``neg_updates``.
     """
-    updates = torch._foreach_sub(after, before)
-    g = torch.stack(torch._foreach_norm(grads)).float()
-    w = torch.stack(torch._foreach_norm(before)).float()
-    u = torch.stack(torch._foreach_norm(updates)).float()
-    dots = torch.stack([torch.vdot(up.reshape(-1).float(), gr.reshape(-1).float())
-                        for up, gr in zip(updates, grads)])
-    return {
-        "grad/norm": g,
-        "param/norm": w,
-        "update/norm": u,
+    with torch.no_grad():
+        w2 = torch._foreach_powsum(before, 2, dtype=_F32)
+        torch._foreach_sub_(before, after)
+        neg = before
+        g2 = torch._foreach_powsum(grads, 2, dtype=_F32)
+        u2 = torch._foreach_powsum(neg, 2, dtype=_F32)
+        dots = [torch.vdot(_flat32(n), _flat32(g)) for n, g in zip(neg, grads)]
+        sq = torch.stack((*g2, *w2, *u2, *dots)).view(4, -1)
+        norms = sq[:3].sqrt()
+        g, w, u = norms
+        totals = sq[:3].sum(1).sqrt()
         # a zero-norm parameter (a zero-initialised bias) has no meaningful ratio: NaN says so
-        "update/ratio": torch.where(w > 0, u / w.clamp_min(_TINY), torch.full_like(u, math.nan)),
-        "update/cos_grad": -dots / (u * g).clamp_min(_TINY),
-        "total/grad/norm": g.square().sum().sqrt(),
-        "total/param/norm": w.square().sum().sqrt(),
-        "total/update/norm": u.square().sum().sqrt(),
-        "updates": updates,
-    }
+        ratio = torch.where(w > 0, u / w, math.nan)
+        cos = sq[3] / (u * g).clamp_min(_TINY)
+        table = torch.cat((norms, ratio.unsqueeze(0), cos.unsqueeze(0)))
+    t = totals
+    return {"grad/norm": g, "param/norm": w, "update/norm": u, "update/ratio": ratio,
+            "update/cos_grad": cos, "table": table, "total/grad/norm": t[0],
+            "total/param/norm": t[1], "total/update/norm": t[2], "totals": totals,
+            "neg_updates": neg}
+
+
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).float()  # float() is the tensor itself when it is float32 already
 
 
 def value_sample(t: torch.Tensor, max_values: int = 1024) -> torch.Tensor:
