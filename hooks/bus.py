@@ -183,8 +183,10 @@ class Bus:
         """Queue a value (float, 0-d or n-d tensor, list of floats, str) for this step."""
         self._queue(topic, value, tags, 1)
 
-    def emit_each(self, topic: str, values: torch.Tensor, tags: list[dict]) -> None:
-        """Queue one scalar per element of the 1-d ``values``, element i tagged ``tags[i]``."""
+    def emit_each(self, topic: str, values: torch.Tensor | list[float],
+                  tags: list[dict]) -> None:
+        """Queue one scalar per element of the 1-d ``values`` (a tensor or host numbers),
+        element i tagged ``tags[i]``."""
         self._queue(topic, values, list(tags), len(tags))
 
     def _queue(self, topic: str, value: Any, tags: dict | list, count: int) -> None:
@@ -286,6 +288,8 @@ class Bus:
                 if v.dtype != torch.float32:
                     v = v.float()
                 by_device.setdefault(v.device, []).append((p, v))
+            elif isinstance(p.tags, list):  # emit_each of host numbers
+                self._split(events, [(p, len(p.tags), sampled)], [float(x) for x in v])
             else:
                 self._append(events, p, v, sampled)
         for device, items in by_device.items():

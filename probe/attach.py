@@ -18,9 +18,18 @@ from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler
 from probe.names import parameter_names
 from probe.skip import SkippedStep
-from probe.stats import FiniteCheck, abs_sums, snapshot, step_stats, value_sample
+from probe.stats import (
+    STAT_ROWS,
+    FiniteCheck,
+    abs_sums,
+    finish_stats,
+    finish_stats_host,
+    snapshot,
+    step_sums,
+    value_sample,
+)
 
-_STAT_TOPICS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
+_STAT_TOPICS = STAT_ROWS
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
 _ON_NONFINITE = ("report", "skip")
 
@@ -266,14 +275,17 @@ class Probe:
         if self.reduce is not None:
             pass  # norms, ratios and cosines came reduced; histograms below stay local
         elif self._before is not None and len(self._before) == len(params):
-            stats = step_stats(self._before, params, grads)
-            table, totals = stats["table"], stats["totals"]
+            sums = step_sums(self._before, params, grads)
+            if sums.device.type == "cpu":  # host memory: reading it is no sync
+                table, totals = finish_stats_host(sums.tolist())
+            else:
+                table, totals = finish_stats(sums)
             for k, topic in enumerate(_STAT_TOPICS):
                 bus.emit_each(topic, table[k], tags)
             for k, topic in enumerate(_STAT_TOPICS[:3]):
                 bus.emit(topic, totals[k])
             if self._hist_step() and bus.wants("update/hist"):
-                for n, t in zip(stats["neg_updates"], tags):
+                for n, t in zip(self._before, tags):  # step_sums left -update there
                     bus.emit("update/hist", value_sample(n).neg(), **t)
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float()
@@ -298,11 +310,12 @@ class Probe:
         present = torch.zeros(len(everyone), device=dev)
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
-            stats = step_stats(self._before, params, [p.grad for p in params])
+            table, totals = finish_stats(step_sums(self._before, params,
+                                                   [p.grad for p in params]))
             idx = torch.tensor([column[id(p)] for p in params], device=dev)
-            rows[:, idx] = stats["table"].to(dev)
+            rows[:, idx] = table.to(dev)
             present[idx] = 1.0
-            totals = stats["totals"].to(dev)
+            totals = totals.to(dev)
         out, tot = distributed.reduce_stats(rows, present, totals, self.reduce,
                                             self.ranks[1])
         all_tags = [{"param": self._names.get(id(p)) or f"param{i}",

@@ -14,6 +14,7 @@ import torch
 
 _TINY = 1e-30
 _F32 = torch.float32
+STAT_ROWS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
 
 
 def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -73,40 +74,49 @@ def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
         return torch._foreach_clone(params)
 
 
-def step_stats(before: list[torch.Tensor], after: list[torch.Tensor],
-               grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-parameter vectors (length P, float32) and totals (0-d) of the generic statistics.
+def step_sums(before: list[torch.Tensor], after: list[torch.Tensor],
+              grads: list[torch.Tensor]) -> torch.Tensor:
+    """A (4, P) float32 tensor: rows |g|^2, |before|^2, |update|^2 and <-update, g> per parameter.
 
-    ``grad/norm``, ``param/norm`` (before the step), ``update/norm`` (after - before),
-    ``update/ratio`` = update norm / param norm, ``update/cos_grad`` = cos(-update, grad);
-    ``table`` holds the five vectors as rows of one (5, P) tensor. ``before`` (a
-    :func:`snapshot`) is consumed: it holds ``before - after``, the negated update, afterwards,
-    also returned as ``neg_updates``.
+    ``before`` (a :func:`snapshot`) is consumed: it holds ``before - after``, the negated
+    update, afterwards.
     """
     with torch.no_grad():
         w2 = torch._foreach_powsum(before, 2, dtype=_F32)
         torch._foreach_sub_(before, after)
-        neg = before
         g2 = torch._foreach_powsum(grads, 2, dtype=_F32)
-        u2 = torch._foreach_powsum(neg, 2, dtype=_F32)
-        dots = [torch.vdot(_flat32(n), _flat32(g)) for n, g in zip(neg, grads)]
-        sq = torch.stack((*g2, *w2, *u2, *dots)).view(4, -1)
-        norms = sq[:3].sqrt()
+        u2 = torch._foreach_powsum(before, 2, dtype=_F32)
+        dots = [torch.vdot(_flat32(n), _flat32(g)) for n, g in zip(before, grads)]
+        return torch.stack((*g2, *w2, *u2, *dots)).view(4, -1)
+
+
+def finish_stats(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From :func:`step_sums`: a (5, P) table whose rows are the ``STAT_ROWS`` topics (grad,
+    param and update norms, update/ratio, update/cos_grad) and the three total norms, on the
+    sums' device."""
+    with torch.no_grad():
+        norms = sums[:3].sqrt()
         g, w, u = norms
-        totals = sq[:3].sum(1).sqrt()
         # a zero-norm parameter (a zero-initialised bias) has no meaningful ratio: NaN says so
         ratio = torch.where(w > 0, u / w, math.nan)
-        cos = sq[3] / (u * g).clamp_min(_TINY)
-        table = torch.cat((norms, ratio.unsqueeze(0), cos.unsqueeze(0)))
-    t = totals
-    return {"grad/norm": g, "param/norm": w, "update/norm": u, "update/ratio": ratio,
-            "update/cos_grad": cos, "table": table, "total/grad/norm": t[0],
-            "total/param/norm": t[1], "total/update/norm": t[2], "totals": totals,
-            "neg_updates": neg}
+        cos = sums[3] / (u * g).clamp_min(_TINY)
+        return (torch.cat((norms, ratio.unsqueeze(0), cos.unsqueeze(0))),
+                sums[:3].sum(1).sqrt())
+
+
+def finish_stats_host(sums: list[list[float]]) -> tuple[list[list[float]], list[float]]:
+    """:func:`finish_stats` on host floats (``sums.tolist()`` of a CPU tensor): a dozen tensor
+    calls on a few numbers cost more than the arithmetic, so a CPU step does it in Python."""
+    g2, w2, u2, dots = sums
+    g, w, u = ([math.sqrt(x) for x in row] for row in (g2, w2, u2))
+    ratio = [b / a if a > 0 else math.nan for a, b in zip(w, u)]
+    cos = [d / max(x * y, _TINY) for d, x, y in zip(dots, u, g)]  # max keeps a NaN first arg
+    return [g, w, u, ratio, cos], [math.sqrt(math.fsum(row)) for row in (g2, w2, u2)]
 
 
 def _flat32(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).float()  # float() is the tensor itself when it is float32 already
+    t = t.reshape(-1)
+    return t if t.dtype is _F32 else t.float()
 
 
 def value_sample(t: torch.Tensor, max_values: int = 1024) -> torch.Tensor:
