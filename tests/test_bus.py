@@ -214,3 +214,48 @@ def test_cuda_values_and_spans_resolve_without_sync():
     bus.flush()
     assert rec.values("grad/norm")[0] == pytest.approx(y.norm().item(), rel=1e-5)
     assert rec.values("time/muon/newton_schulz")[0] > 0
+
+
+def test_emit_each_takes_host_numbers_without_a_transfer():
+    bus = hooks.Bus()
+    rec = Recorder()
+    bus.subscribe(rec)
+    bus.begin_step(0)
+    bus.emit_each("update/norm", [1, 2.5, 3.0], [{"param": f"q{i}"} for i in range(3)])
+    bus.end_step()
+    assert bus.host_transfers == 0
+    assert {e.tags["param"]: e.value for e in rec.events} == {"q0": 1.0, "q1": 2.5, "q2": 3.0}
+    assert all(type(e.value) is float for e in rec.events)
+
+
+def test_each_collector_gets_its_own_list():
+    class Greedy:
+        def handle(self, events):
+            events.clear()
+
+    bus = hooks.Bus()
+    rec = Recorder()
+    bus.subscribe(Greedy())
+    bus.subscribe(rec)
+    bus.begin_step(0)
+    bus.emit("grad/norm", 1.0)
+    bus.end_step()
+    assert rec.values("grad/norm") == [1.0]
+
+
+def test_health_counts_reach_collectors_on_a_step_that_emits_nothing():
+    class Broken:
+        def handle(self, events):
+            raise RuntimeError("boom")
+
+    bus = hooks.Bus()
+    good = Recorder()
+    bus.subscribe(Broken(), "grad/*")
+    bus.subscribe(good)
+    bus.begin_step(0)
+    bus.emit("grad/norm", 1.0)
+    bus.end_step()  # Broken fails here, after the health check of this step
+    bus.begin_step(1)
+    bus.end_step()
+    assert [(e.step, e.value) for e in good.events if e.topic == "probe/collector_errors"] \
+        == [(1, 1.0)]

@@ -1,0 +1,87 @@
+"""The probe's statistics core against a float64 numpy computation; the finiteness check."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from probe.stats import (
+    STAT_ROWS,
+    FiniteCheck,
+    finish_stats,
+    finish_stats_host,
+    snapshot,
+    step_sums,
+)
+
+
+def _case():
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(6, 5, generator=gen),
+              torch.randn(4, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last),
+              torch.zeros(7),                                   # zero norm: ratio is NaN
+              torch.randn(9, generator=gen, dtype=torch.float64),
+              torch.randn(3, generator=gen)]                    # not moved: update 0
+    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    steps = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 for p in params]
+    steps[-1].zero_()
+    return params, grads, steps
+
+
+def _reference(before, after, grads):
+    rows = {t: [] for t in STAT_ROWS}
+    for b, a, g in zip(before, after, grads):
+        b, a, g = (x.double().numpy().ravel() for x in (b, a, g))
+        u = a - b
+        gn, wn, un = (float(np.linalg.norm(x)) for x in (g, b, u))
+        rows["grad/norm"].append(gn)
+        rows["param/norm"].append(wn)
+        rows["update/norm"].append(un)
+        rows["update/ratio"].append(un / wn if wn > 0 else math.nan)
+        rows["update/cos_grad"].append(float(np.dot(-u, g)) / (un * gn) if un * gn else 0.0)
+    totals = [math.sqrt(sum(x * x for x in rows[t])) for t in STAT_ROWS[:3]]
+    return rows, totals
+
+
+@pytest.mark.parametrize("finish", ["tensor", "host"])
+def test_statistics_match_numpy(finish):
+    params, grads, steps = _case()
+    before = snapshot(params)
+    originals = [p.clone() for p in params]
+    for p, s in zip(params, steps):
+        p.add_(s)
+    ref, ref_totals = _reference(originals, params, grads)
+    sums = step_sums(before, params, grads)
+    assert sums.shape == (4, len(params)) and sums.dtype == torch.float32
+    for n, o, p in zip(before, originals, params):  # the snapshot now holds -update
+        torch.testing.assert_close(n, o - p)
+    if finish == "tensor":
+        table, totals = finish_stats(sums)
+        table, totals = table.tolist(), totals.tolist()
+    else:
+        table, totals = finish_stats_host(sums.tolist())
+    for k, topic in enumerate(STAT_ROWS):
+        got = table[k]
+        for i, (x, y) in enumerate(zip(got, ref[topic])):
+            if math.isnan(y):
+                assert math.isnan(x), (topic, i)
+            else:
+                assert x == pytest.approx(y, rel=1e-4, abs=1e-6), (topic, i)
+    assert totals == pytest.approx(ref_totals, rel=1e-5)
+
+
+def test_snapshot_is_a_detached_copy():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    (s,) = snapshot([p])
+    assert not s.requires_grad and s.data_ptr() != p.data_ptr() and torch.equal(s, p)
+
+
+def test_finite_check_resets_its_flag_after_firing():
+    check = FiniteCheck()
+    clean = [torch.randn(5), torch.randn(2, 3)]
+    dirty = [torch.randn(5), torch.tensor([[1.0, float("inf"), 0.0]])]
+    assert check.mask(clean) == [False, False]
+    assert check.mask(dirty) == [False, True]
+    assert check.mask(clean) == [False, False]  # the kept flag tensor was cleared
+    assert check.all_finite(clean)
