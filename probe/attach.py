@@ -25,7 +25,7 @@ from probe.stats import (
     finish_stats,
     finish_stats_host,
     snapshot,
-    step_sums,
+    step_norms,
     value_sample,
 )
 
@@ -275,17 +275,17 @@ class Probe:
         if self.reduce is not None:
             pass  # norms, ratios and cosines came reduced; histograms below stay local
         elif self._before is not None and len(self._before) == len(params):
-            sums = step_sums(self._before, params, grads)
-            if sums.device.type == "cpu":  # host memory: reading it is no sync
-                table, totals = finish_stats_host(sums.tolist())
+            norms = step_norms(self._before, params, grads)
+            if norms.device.type == "cpu":  # host memory: reading it is no sync
+                table, totals = finish_stats_host(norms.tolist())
             else:
-                table, totals = finish_stats(sums)
+                table, totals = finish_stats(norms)
             for k, topic in enumerate(_STAT_TOPICS):
                 bus.emit_each(topic, table[k], tags)
             for k, topic in enumerate(_STAT_TOPICS[:3]):
                 bus.emit(topic, totals[k])
             if self._hist_step() and bus.wants("update/hist"):
-                for n, t in zip(self._before, tags):  # step_sums left -update there
+                for n, t in zip(self._before, tags):  # step_norms left -update there
                     bus.emit("update/hist", value_sample(n).neg(), **t)
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float()
@@ -310,7 +310,7 @@ class Probe:
         present = torch.zeros(len(everyone), device=dev)
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
-            table, totals = finish_stats(step_sums(self._before, params,
+            table, totals = finish_stats(step_norms(self._before, params,
                                                    [p.grad for p in params]))
             idx = torch.tensor([column[id(p)] for p in params], device=dev)
             rows[:, idx] = table.to(dev)

@@ -2,7 +2,7 @@
 
 On a small model every torch call costs more than the arithmetic it does (each one meets a
 cold cache after the forward and backward passes), so these functions count their calls:
-squared norms come from one ``_foreach_powsum`` per list, the update is formed in place in
+norms come from one ``_foreach_norm`` per list, the update is formed in place in
 the snapshot, and all per-parameter numbers leave in one stacked tensor.
 """
 
@@ -15,6 +15,7 @@ import torch
 _TINY = 1e-30
 _F32 = torch.float32
 STAT_ROWS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
+_foreach_clone = getattr(torch, "_foreach_clone", None)  # absent from older torch releases
 
 
 def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -69,49 +70,57 @@ def nonfinite_mask(grads: list[torch.Tensor]) -> list[bool]:
 
 
 def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Detached copies of ``params`` (one fused call), taken before the step."""
+    """Detached copies of ``params`` (one fused call where torch has it), taken before the step."""
     with torch.no_grad():
-        return torch._foreach_clone(params)
+        if _foreach_clone is not None:
+            return _foreach_clone(params)
+        return [p.clone() for p in params]
 
 
-def step_sums(before: list[torch.Tensor], after: list[torch.Tensor],
-              grads: list[torch.Tensor]) -> torch.Tensor:
-    """A (4, P) float32 tensor: rows |g|^2, |before|^2, |update|^2 and <-update, g> per parameter.
+def step_norms(before: list[torch.Tensor], after: list[torch.Tensor],
+               grads: list[torch.Tensor]) -> torch.Tensor:
+    """A (4, P) tensor, rows |g|, |before|, |update| and <-update, g> per parameter (float32;
+    float64 when a parameter is).
 
     ``before`` (a :func:`snapshot`) is consumed: it holds ``before - after``, the negated
     update, afterwards.
     """
     with torch.no_grad():
-        w2 = torch._foreach_powsum(before, 2, dtype=_F32)
+        w = _norms(before)
         torch._foreach_sub_(before, after)
-        g2 = torch._foreach_powsum(grads, 2, dtype=_F32)
-        u2 = torch._foreach_powsum(before, 2, dtype=_F32)
-        dots = [torch.vdot(_flat32(n), _flat32(g)) for n, g in zip(before, grads)]
-        return torch.stack((*g2, *w2, *u2, *dots)).view(4, -1)
+        g = _norms(grads)
+        u = _norms(before)
+        dots = [torch.vdot(_flat32(n), _flat32(x)) for n, x in zip(before, grads)]
+        return torch.stack((*g, *w, *u, *dots)).view(4, -1)
 
 
-def finish_stats(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From :func:`step_sums`: a (5, P) table whose rows are the ``STAT_ROWS`` topics (grad,
+def finish_stats(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From :func:`step_norms`: a (5, P) table whose rows are the ``STAT_ROWS`` topics (grad,
     param and update norms, update/ratio, update/cos_grad) and the three total norms, on the
-    sums' device."""
+    norms' device."""
     with torch.no_grad():
-        norms = sums[:3].sqrt()
-        g, w, u = norms
+        g, w, u = norms[:3]
         # a zero-norm parameter (a zero-initialised bias) has no meaningful ratio: NaN says so
         ratio = torch.where(w > 0, u / w, math.nan)
-        cos = sums[3] / (u * g).clamp_min(_TINY)
-        return (torch.cat((norms, ratio.unsqueeze(0), cos.unsqueeze(0))),
-                sums[:3].sum(1).sqrt())
+        cos = norms[3] / (u * g).clamp_min(_TINY)
+        return (torch.cat((norms[:3], ratio.unsqueeze(0), cos.unsqueeze(0))),
+                norms[:3].square().sum(1).sqrt())
 
 
-def finish_stats_host(sums: list[list[float]]) -> tuple[list[list[float]], list[float]]:
-    """:func:`finish_stats` on host floats (``sums.tolist()`` of a CPU tensor): a dozen tensor
+def finish_stats_host(norms: list[list[float]]) -> tuple[list[list[float]], list[float]]:
+    """:func:`finish_stats` on host floats (``norms.tolist()`` of a CPU tensor): a dozen tensor
     calls on a few numbers cost more than the arithmetic, so a CPU step does it in Python."""
-    g2, w2, u2, dots = sums
-    g, w, u = ([math.sqrt(x) for x in row] for row in (g2, w2, u2))
+    g, w, u, dots = norms
     ratio = [b / a if a > 0 else math.nan for a, b in zip(w, u)]
     cos = [d / max(x * y, _TINY) for d, x, y in zip(dots, u, g)]  # max keeps a NaN first arg
-    return [g, w, u, ratio, cos], [math.sqrt(math.fsum(row)) for row in (g2, w2, u2)]
+    return [g, w, u, ratio, cos], [math.sqrt(math.fsum(x * x for x in row)) for row in (g, w, u)]
+
+
+def _norms(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    # accumulated and returned in float32 (bf16 norms keep 3 digits); torch refuses to narrow
+    # float64 that way, so a list holding float64 keeps its dtype
+    wide = any(t.dtype is torch.float64 for t in ts)
+    return torch._foreach_norm(ts, 2, dtype=None if wide else _F32)
 
 
 def _flat32(t: torch.Tensor) -> torch.Tensor:

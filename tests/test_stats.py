@@ -12,7 +12,7 @@ from probe.stats import (
     finish_stats,
     finish_stats_host,
     snapshot,
-    step_sums,
+    step_norms,
 )
 
 
@@ -52,15 +52,15 @@ def test_statistics_match_numpy(finish):
     for p, s in zip(params, steps):
         p.add_(s)
     ref, ref_totals = _reference(originals, params, grads)
-    sums = step_sums(before, params, grads)
-    assert sums.shape == (4, len(params)) and sums.dtype == torch.float32
+    norms = step_norms(before, params, grads)
+    assert norms.shape == (4, len(params)) and norms.dtype == torch.float64  # one is float64
     for n, o, p in zip(before, originals, params):  # the snapshot now holds -update
         torch.testing.assert_close(n, o - p)
     if finish == "tensor":
-        table, totals = finish_stats(sums)
+        table, totals = finish_stats(norms)
         table, totals = table.tolist(), totals.tolist()
     else:
-        table, totals = finish_stats_host(sums.tolist())
+        table, totals = finish_stats_host(norms.tolist())
     for k, topic in enumerate(STAT_ROWS):
         got = table[k]
         for i, (x, y) in enumerate(zip(got, ref[topic])):
