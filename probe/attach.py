@@ -275,6 +275,9 @@ class Probe:
         if self.reduce is not None:
             pass  # norms, ratios and cosines came reduced; histograms below stay local
         elif self._before is not None and len(self._before) == len(params):
+            if self._hist_step() and bus.wants("update/hist"):  # before step_norms takes it
+                for b, p, t in zip(self._before, params, tags):
+                    bus.emit("update/hist", value_sample(p) - value_sample(b), **t)
             norms = step_norms(self._before, params, grads)
             if norms.device.type == "cpu":  # host memory: reading it is no sync
                 table, totals = finish_stats_host(norms.tolist())
@@ -284,9 +287,6 @@ class Probe:
                 bus.emit_each(topic, table[k], tags)
             for k, topic in enumerate(_STAT_TOPICS[:3]):
                 bus.emit(topic, totals[k])
-            if self._hist_step() and bus.wants("update/hist"):
-                for n, t in zip(self._before, tags):  # step_norms left -update there
-                    bus.emit("update/hist", value_sample(n).neg(), **t)
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float()
             bus.emit_each("grad/norm", g, tags)

@@ -203,3 +203,19 @@ def test_nonfinite_check_leaves_gradients_bit_identical_and_names_culprits():
     grads[2][0] = float("-inf")
     assert nonfinite_mask(grads) == [False, True, True]
     assert torch.isnan(grads[1][2, 3]) and grads[2][0] == float("-inf")
+
+
+def test_histograms_sample_the_gradient_and_the_applied_update():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rec = Recorder()
+    with probe.attach(opt, model=model, every=1, collectors=[rec], bus=hooks.Bus()):
+        model(torch.randn(8, 4)).square().mean().backward()
+        before = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+        opt.step()  # step 0: a histogram step
+    for name, p in model.named_parameters():
+        update = p.detach().numpy().ravel() - before[name].ravel()
+        np.testing.assert_allclose(rec.values("update/hist", name)[0], update, atol=1e-7)
+        np.testing.assert_allclose(rec.values("grad/hist", name)[0], grads[name].ravel())
+        assert np.abs(update).max() > 1e-3  # AdamW moved every parameter
