@@ -219,3 +219,29 @@ def test_histograms_sample_the_gradient_and_the_applied_update():
         np.testing.assert_allclose(rec.values("update/hist", name)[0], update, atol=1e-7)
         np.testing.assert_allclose(rec.values("grad/hist", name)[0], grads[name].ravel())
         assert np.abs(update).max() > 1e-3  # AdamW moved every parameter
+
+
+@pytest.mark.cuda
+def test_cuda_probe_statistics_without_a_sync():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = Recorder()
+    x = torch.randn(8, 32, device="cuda")
+    with probe.attach(opt, model=model, every=1, collectors=[rec], bus=hooks.Bus()):
+        model(x).square().mean().backward()
+        before = {n: p.detach().cpu().double() for n, p in model.named_parameters()}
+        grads = {n: p.grad.detach().cpu().double() for n, p in model.named_parameters()}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()  # statistics, non-finite flags and the batch copy stay asynchronous
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for name, p in model.named_parameters():
+        u = p.detach().cpu().double() - before[name]
+        assert rec.values("update/norm", name)[0] == pytest.approx(u.norm().item(), rel=1e-4)
+        assert rec.values("grad/norm", name)[0] == pytest.approx(grads[name].norm().item(),
+                                                                 rel=1e-5)
+        cos = (-u.flatten() @ grads[name].flatten()) / (u.norm() * grads[name].norm())
+        assert rec.values("update/cos_grad", name)[0] == pytest.approx(cos.item(), abs=1e-4)

@@ -87,3 +87,27 @@ def test_finite_check_resets_its_flag_after_firing():
     assert check.mask(dirty) == [False, True]
     assert check.mask(clean) == [False, False]  # the kept flag tensor was cleared
     assert check.all_finite(clean)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_statistics_match_the_host_finish(dtype):
+    params, grads, steps = _case()
+    keep = [0, 1, 2, 4]  # float32 ones, so one dtype runs through the fused lists
+    params, grads, steps = ([x[i].to("cuda", dtype) for i in keep] for x in (params, grads, steps))
+    before = snapshot(params)
+    originals = [p.float().cpu() for p in params]
+    for p, s in zip(params, steps):
+        p.add_(s)
+    ref, ref_totals = _reference(originals, [p.float().cpu() for p in params],
+                                 [g.float().cpu() for g in grads])
+    norms = step_norms(before, params, grads)
+    assert norms.device.type == "cuda" and norms.dtype == torch.float32
+    table, totals = finish_stats(norms)
+    assert table.device.type == "cuda"
+    host_table, host_totals = finish_stats_host(norms.tolist())
+    torch.testing.assert_close(table.cpu(), torch.tensor(host_table), equal_nan=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for k, topic in enumerate(STAT_ROWS[:3]):
+        assert host_table[k] == pytest.approx(ref[topic], rel=tol, abs=1e-6)
+    assert totals.cpu().tolist() == pytest.approx(ref_totals, rel=tol)
