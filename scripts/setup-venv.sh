@@ -14,9 +14,11 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+# this machine's pip config names local indexes that may be absent: drop those warnings only
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch==2.13.0"
-  "${pip[@]}" install "torch==2.13.0"
+  quiet "${pip[@]}" install "torch==2.13.0"
 fi
 echo "setup: installing optprobe and its dependencies"
-"${pip[@]}" install -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+quiet "${pip[@]}" install -e ".[dev]"
