@@ -18,13 +18,11 @@ class Summary:
 
     def handle(self, events: list[Event]) -> None:
         stats = self.stats
-        isfinite = math.isfinite
         for e in events:
             v = e.value
             if isinstance(v, list):
                 continue
-            param = e.tags.get("param")
-            tag = f"{e.topic}/{param}" if param else e.topic  # Event.tag_path, inlined
+            tag = e.tag_path()
             s = stats.get(tag)
             if isinstance(v, str):
                 stats[tag] = {"topic": e.topic, "count": (s or {}).get("count", 0) + 1,
@@ -37,12 +35,10 @@ class Summary:
             s["count"] += 1
             s["last"] = v
             s["step"] = e.step
-            if isfinite(v):
+            if math.isfinite(v):
                 s["sum"] += v
-                if v < s["min"]:
-                    s["min"] = v
-                if v > s["max"]:
-                    s["max"] = v
+                s["min"] = min(s["min"], v)
+                s["max"] = max(s["max"], v)
             else:
                 s["nonfinite"] += 1
 

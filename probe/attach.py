@@ -29,7 +29,6 @@ from probe.stats import (
     value_sample,
 )
 
-_STAT_TOPICS = STAT_ROWS
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
 _ON_NONFINITE = ("report", "skip")
 
@@ -283,9 +282,9 @@ class Probe:
                 table, totals = finish_stats_host(norms.tolist())
             else:
                 table, totals = finish_stats(norms)
-            for k, topic in enumerate(_STAT_TOPICS):
+            for k, topic in enumerate(STAT_ROWS):
                 bus.emit_each(topic, table[k], tags)
-            for k, topic in enumerate(_STAT_TOPICS[:3]):
+            for k, topic in enumerate(STAT_ROWS[:3]):
                 bus.emit(topic, totals[k])
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float()
@@ -306,7 +305,7 @@ class Probe:
         everyone = [p for g in self.optimizer.param_groups for p in g["params"]]
         column = {id(p): i for i, p in enumerate(everyone)}
         dev = bus.device
-        rows = torch.zeros(len(_STAT_TOPICS), len(everyone), device=dev)
+        rows = torch.zeros(len(STAT_ROWS), len(everyone), device=dev)
         present = torch.zeros(len(everyone), device=dev)
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
@@ -320,9 +319,9 @@ class Probe:
                                             self.ranks[1])
         all_tags = [{"param": self._names.get(id(p)) or f"param{i}",
                      "reduced": self.reduce} for i, p in enumerate(everyone)]
-        for k, topic in enumerate(_STAT_TOPICS):
+        for k, topic in enumerate(STAT_ROWS):
             bus.emit_each(topic, out[k], all_tags)
-        for k, topic in enumerate(_STAT_TOPICS[:3]):
+        for k, topic in enumerate(STAT_ROWS[:3]):
             bus.emit(topic, tot[k], reduced=self.reduce)
 
     def _hist_step(self) -> bool:

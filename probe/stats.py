@@ -64,11 +64,6 @@ class FiniteCheck:
         return False
 
 
-def nonfinite_mask(grads: list[torch.Tensor]) -> list[bool]:
-    """Which gradients hold a NaN or Inf (a one-off :class:`FiniteCheck`)."""
-    return FiniteCheck().mask(grads)
-
-
 def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Detached copies of ``params`` (one fused call where torch has it), taken before the step."""
     with torch.no_grad():

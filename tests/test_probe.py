@@ -188,8 +188,9 @@ def test_optimizer_with_its_own_bus_rejects_another():
 
 
 def test_nonfinite_check_leaves_gradients_bit_identical_and_names_culprits():
-    from probe.stats import nonfinite_mask
+    from probe.stats import FiniteCheck
 
+    nonfinite_mask = FiniteCheck().mask  # one check, reused: its kept flag must not stick
     tiny = torch.finfo(torch.float32).tiny
     special = torch.tensor([-0.0, tiny / 4, -tiny / 8, 3.0e38, 1e30, -1e-30, 1.5])
     grads = [special.clone(), torch.randn(3, 4), torch.randn(5).to(torch.float64)]
