@@ -3,6 +3,10 @@
 Samples are aggregated per step window (mean and max) and emitted as ``gpu/*`` on the
 training thread by ``emit(bus)``, so the bus stays single-threaded. Without an NVIDIA driver
 or library the sampler starts no thread and emits one ``gpu/status`` text saying why.
+
+NVML calls made from the training thread or at exit (init, shutdown) are time-bounded: a
+driver that stops answering costs at most ``NVML_TIMEOUT_S`` once, never a hung run or exit,
+and NVML is not shut down under a sampler thread still inside it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 import torch
 
 import hooks
+
+NVML_TIMEOUT_S = 5.0
 
 # topic -> how to read it from a handle, converted to the catalogue's unit
 METRICS = ("gpu/utilization", "gpu/memory_used", "gpu/power", "gpu/temperature", "gpu/sm_clock")
@@ -47,15 +53,36 @@ def _handle_for(nvml: Any, device: torch.device | int) -> Any:
     return nvml.nvmlDeviceGetHandleByIndex(index)
 
 
+def _bounded(fn: Any, timeout: float) -> tuple[bool, Any]:
+    """Run ``fn()`` on a daemon thread: ``(True, result)``, ``(True, exception)`` when it
+    raised, or ``(False, None)`` when it did not return within ``timeout`` seconds."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # handed back to the caller, never lost on the thread
+            out.append(exc)
+
+    t = threading.Thread(target=run, name="optprobe-nvml-call", daemon=True)
+    t.start()
+    t.join(timeout)
+    return (True, out[0]) if out else (False, None)
+
+
 class Sampler:
     """Samples ``devices`` (torch CUDA devices or NVML indices; None: every NVML device)
     ``hz`` times a second on a daemon thread; ``emit(bus)`` sends each window's mean/max."""
 
     def __init__(self, devices: Iterable[torch.device | str | int] | None = None,
                  hz: float = 5.0, *, nvml: ModuleType | Any | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, timeout: float = NVML_TIMEOUT_S) -> None:
         if isinstance(hz, bool) or not isinstance(hz, (int, float)) or not 0 < hz <= 1000:
             raise ValueError(f"hz must be a number in (0, 1000], got {hz!r}")
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 < timeout < float("inf")):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        self.timeout = float(timeout)
         devs: list[torch.device | int] | None = None
         if devices is not None:
             devs = []
@@ -91,24 +118,34 @@ class Sampler:
             except ImportError as exc:
                 self.status = f"GPU sampling off: nvidia-ml-py is not installed ({exc})"
                 return
-        try:
-            nvml.nvmlInit()
-        except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded and kin
-            self.status = f"GPU sampling off: NVML could not start ({exc})"
+        done, res = _bounded(nvml.nvmlInit, self.timeout)
+        if not done:  # a hung driver: leave NVML alone, never call into it again
+            self.status = f"GPU sampling off: NVML did not answer nvmlInit in {self.timeout:g} s"
+            return
+        if isinstance(res, Exception):  # NVMLError_LibraryNotFound / DriverNotLoaded and kin
+            self.status = f"GPU sampling off: NVML could not start ({res})"
             return
         self._nvml = nvml
-        try:
-            if devs is None:
-                devs = list(range(nvml.nvmlDeviceGetCount()))
-            self._handles = [_handle_for(nvml, d) for d in devs]
-            self.names = [str(d) if isinstance(d, torch.device) else f"nvml:{d}" for d in devs]
-            if not self._handles:
+
+        def first_read() -> tuple[list, list[str]]:
+            found = devs if devs is not None else list(range(nvml.nvmlDeviceGetCount()))
+            handles = [_handle_for(nvml, d) for d in found]
+            if not handles:
                 raise RuntimeError("no NVIDIA device found")
-            _read(nvml, self._handles[0])  # fail here, not on the thread
-        except Exception as exc:
-            self.status = f"GPU sampling off: {exc}"
+            _read(nvml, handles[0])  # fail here, not on the thread
+            return handles, [str(d) if isinstance(d, torch.device) else f"nvml:{d}"
+                             for d in found]
+
+        done, res = _bounded(first_read, self.timeout)
+        if not done:
+            self.status = f"GPU sampling off: NVML did not answer in {self.timeout:g} s"
+            self._nvml = None  # a call is still inside NVML: shutting down under it may hang
+            return
+        if isinstance(res, BaseException):
+            self.status = f"GPU sampling off: {res}"
             self._shutdown_nvml()
             return
+        self._handles, self.names = res
         self._window = [[] for _ in self._handles]
 
     # -- the thread ----------------------------------------------------------------------
@@ -176,20 +213,23 @@ class Sampler:
                 bus.emit(topic, mx, param=f"{dev}/max", device=dev, stat="max", samples=n)
 
     def _shutdown_nvml(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
-            self._nvml = None
+        nvml, self._nvml = self._nvml, None
+        if nvml is not None:  # a hung shutdown is abandoned on its daemon thread
+            _bounded(nvml.nvmlShutdown, self.timeout)
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop and join the thread, then shut NVML down."""
+        """Stop and join the thread (at most ``timeout`` s), then shut NVML down; a thread
+        still inside NVML is left to die with the process and NVML is not shut down under it."""
         self._stop.set()
         if self._atexit is not None:
             atexit.unregister(self._atexit)
             self._atexit = None
         if self._thread is not None:
             self._thread.join(timeout)
+            stuck = self._thread.is_alive()
             self._thread = None
+            if stuck:
+                self._nvml = None
+                self.status = "GPU sampling off: the sampler thread hung inside NVML"
+                return
         self._shutdown_nvml()

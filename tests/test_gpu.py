@@ -116,9 +116,9 @@ def test_thread_rate_and_shutdown():
     assert not s.running and nvml.shutdowns == 1
     # 50 Hz over 0.5 s is 25 samples; a loaded 2-core machine may run late, never early
     assert 5 <= s.samples_taken <= 27
-    # one read on this thread checks the device at start; the samples come from the thread
-    assert nvml.threads.count(threading.get_ident()) == 1
+    # one read checks the device at start (a bounded call); the samples come from one thread
     assert len(nvml.threads) == s.samples_taken + 1
+    assert len(set(nvml.threads[1:])) == 1 and threading.get_ident() not in nvml.threads
     n = s.samples_taken
     time.sleep(0.1)
     assert s.samples_taken == n  # nothing samples after close
@@ -238,3 +238,74 @@ def test_sampler_thread_stops_and_nvml_shuts_down_at_interpreter_exit(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
     assert res.returncode == 0, res.stderr.decode()
     assert marker.read_text() == "shutdown"
+
+
+class HangingNVML(FakeNVML):
+    """An NVML whose calls stop returning once ``hang`` is set (a wedged driver)."""
+
+    def __init__(self, hang_on=(), **kw):
+        super().__init__(**kw)
+        self.hang_on = set(hang_on)
+        self.hang = threading.Event()
+        self.never = threading.Event()
+
+    def _maybe_hang(self, name):
+        if name in self.hang_on or self.hang.is_set():
+            self.never.wait()
+
+    def nvmlInit(self):
+        self._maybe_hang("init")
+        super().nvmlInit()
+
+    def nvmlShutdown(self):
+        self._maybe_hang("shutdown")
+        super().nvmlShutdown()
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        self._maybe_hang("read")
+        return super().nvmlDeviceGetUtilizationRates(h)
+
+
+def test_a_hung_nvml_init_costs_its_timeout_once_and_turns_sampling_off():
+    t0 = time.perf_counter()
+    s = Sampler(nvml=HangingNVML(hang_on={"init"}, count=1), timeout=0.3)
+    assert time.perf_counter() - t0 < 5
+    assert "did not answer nvmlInit" in s.status and not s.running
+    s.close()  # nothing to shut down: NVML never started
+
+
+def test_close_does_not_shut_nvml_down_under_a_sampler_thread_stuck_inside_it():
+    nvml = HangingNVML(count=1)
+    s = Sampler(hz=50, nvml=nvml, timeout=0.3)
+    assert s.running
+    nvml.hang.set()  # the next read blocks the sampler thread forever
+    time.sleep(0.1)
+    t0 = time.perf_counter()
+    s.close(timeout=0.2)
+    assert time.perf_counter() - t0 < 3
+    assert nvml.shutdowns == 0 and "hung inside NVML" in s.status
+
+
+def test_interpreter_exit_does_not_hang_on_a_hung_nvml(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {root!r})
+        from probe.gpu import Sampler
+        from tests.test_gpu import HangingNVML
+        nvml = HangingNVML(count=1, hang_on={{"shutdown"}})
+        s = Sampler(hz=50, nvml=nvml, timeout=0.5)
+        assert s.running
+        time.sleep(0.1)
+        nvml.hang.set()  # reads and shutdown both hang from now on
+        # no close(): the atexit handler must give up on NVML within its bounds
+    """)
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    assert res.returncode == 0, res.stderr.decode()
+    assert time.perf_counter() - t0 < 20
