@@ -39,7 +39,16 @@ def tensor_norms(tensors: Sequence[torch.Tensor | None], device: torch.device) -
             norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t,
                                               dtype=torch.float32) for t in group]
         else:
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+            # float32 accumulation lifts fp16/bf16; torch refuses to narrow float64 that way,
+            # so float64 tensors keep their dtype and are cast after
+            norms = [None] * len(group)
+            wide = [j for j, t in enumerate(group) if t.dtype is torch.float64]
+            narrow = [j for j, t in enumerate(group) if t.dtype is not torch.float64]
+            for js, dtype in ((wide, None), (narrow, torch.float32)):
+                if js:
+                    got = torch._foreach_norm([group[j] for j in js], 2, dtype=dtype)
+                    for j, v in zip(js, got):
+                        norms[j] = v.float()
         for i, v in zip(idx, norms):
             out[i] = v if dev == device else v.to(device, non_blocking=True)
     zero = None

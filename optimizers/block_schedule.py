@@ -130,10 +130,11 @@ class BlockSchedule(torch.optim.Optimizer):
         if stable_window is not None and not (_is_int(stable_window) and stable_window >= 2):
             raise ValueError(f"stable_window must be None or an int >= 2, got "
                              f"{stable_window!r}")
-        if not (_is_real(stable_rel_change) and stable_rel_change >= 0.0):
-            raise ValueError(f"stable_rel_change must be >= 0, got {stable_rel_change!r}")
-        if not (_is_real(stable_cv) and stable_cv >= 0.0):
-            raise ValueError(f"stable_cv must be >= 0, got {stable_cv!r}")
+        if not (_is_real(stable_rel_change) and 0.0 <= stable_rel_change < math.inf):
+            raise ValueError(f"stable_rel_change must be a finite number >= 0, got "
+                             f"{stable_rel_change!r}")
+        if not (_is_real(stable_cv) and 0.0 <= stable_cv < math.inf):
+            raise ValueError(f"stable_cv must be a finite number >= 0, got {stable_cv!r}")
         if not (_is_real(grow_above) and grow_above >= 1.0):
             raise ValueError(f"grow_above must be >= 1 (inf turns growth off), got "
                              f"{grow_above!r}")
@@ -142,8 +143,8 @@ class BlockSchedule(torch.optim.Optimizer):
                              f"{shrink_below!r}")
         if not (_is_real(budget_beta) and 0.0 <= budget_beta < 1.0):
             raise ValueError(f"budget_beta must be in [0, 1), got {budget_beta!r}")
-        if not (_is_real(eps) and eps > 0.0):
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if not (_is_real(eps) and 0.0 < eps < math.inf):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         bus = hooks.resolve_bus(bus)
 
         self.optimizer = optimizer
@@ -339,6 +340,10 @@ class BlockSchedule(torch.optim.Optimizer):
         elif loss is None and self.stable_window is not None and not self._gate_open:
             raise ValueError("step(loss=...) needs the loss while stable_window gates the "
                              "schedule (a number, a 0-d tensor or a closure)")
+        if closure is None and not any(p.grad is not None for g in self.optimizer.param_groups
+                                       for p in g["params"]):
+            # no gradient at all (a step the probe skips): nothing moves, not even the plan
+            return None
         t = self._t
         k = self._active
         n = self.num_blocks

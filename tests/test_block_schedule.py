@@ -384,6 +384,10 @@ def test_closure_loss_is_used():
     ({"shrink_below": 1.1}, "shrink_below"),
     ({"budget_beta": 1.0}, "budget_beta"),
     ({"eps": 0.0}, "eps"),
+    ({"eps": math.inf}, "eps"),
+    ({"eps": math.nan}, "eps"),
+    ({"stable_cv": math.inf}, "stable_cv"),
+    ({"stable_rel_change": math.inf}, "stable_rel_change"),
     ({"bus": "default"}, "bus"),
 ])
 def test_invalid_arguments_raise(kw, match):
@@ -475,3 +479,36 @@ def test_demo_runs_the_block_schedule(tmp_path, capsys):
         {"block0", "block1", "block2", "block3"}
     assert [r["value"].split(" ")[0] for r in recs if r["topic"] == "blocks/gate"] == \
         ["warmup:", "open", "recovery:"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_relevance_in_any_float_dtype_matches_a_float64_reference(dtype):
+    # float64 models crashed at step 1 (torch refuses to narrow float64 norms to float32)
+    torch.manual_seed(0)
+    blocks = [nn.Linear(4, 4).to(dtype) for _ in range(3)]
+    opt = torch.optim.SGD([p for b in blocks for p in b.parameters()], lr=0.0)
+    sched = BlockSchedule(opt, blocks, beta=0.0)
+    for b in blocks:
+        for p in b.parameters():
+            p.grad = torch.randn_like(p)
+    want = []
+    for b in blocks:
+        g = np.sqrt(sum(np.sum(p.grad.double().numpy() ** 2) for p in b.parameters()))
+        w = np.sqrt(sum(np.sum(p.detach().double().numpy() ** 2) for p in b.parameters()))
+        want.append(g / (w + sched.eps))
+    sched.step()
+    rtol = 1e-6 if dtype is torch.float64 else 1e-2
+    np.testing.assert_allclose(sched.relevance(), want, rtol=rtol)
+
+
+def test_a_step_without_any_gradient_changes_nothing():
+    # the probe's skip hides every gradient: the schedule must not count, plan or measure
+    blocks, sched = manual(freeze_after=2, probe_every=3, threshold=0.5)
+    run(blocks, sched, 1)
+    before = (sched.steps, sched.active, sched.relevance(), sched.state_dict())
+    sched.zero_grad()
+    assert sched.step(1.0) is None
+    after = (sched.steps, sched.active, sched.relevance(), sched.state_dict())
+    assert before[:2] == after[:2]
+    np.testing.assert_array_equal(before[2], after[2])
+    assert repr(before[3]) == repr(after[3])
