@@ -112,9 +112,12 @@ class Bus:
         self._sampled = False
         self.dropped_events = 0
         self.collector_errors = 0
+        self.diagnostic_errors = 0
         self.host_transfers = 0
         self._reported_dropped = 0
         self._reported_errors = 0
+        self._reported_diag = 0
+        self._diag_seen: set[str] = set()
         self._closed = False
 
     # -- configuration -------------------------------------------------------------------
@@ -247,7 +250,8 @@ class Bus:
         self._sampled = False
         if (self._pending or self._inflight or self._timers
                 or self.dropped_events != self._reported_dropped
-                or self.collector_errors != self._reported_errors):
+                or self.collector_errors != self._reported_errors
+                or self.diagnostic_errors != self._reported_diag):
             self._deliver(self._resolve(sampled, wait=False))
 
     def flush(self) -> None:
@@ -369,10 +373,22 @@ class Bus:
         if self.collector_errors != self._reported_errors:
             self._reported_errors = self.collector_errors
             self._append_health(events, "probe/collector_errors", self.collector_errors, now)
+        if self.diagnostic_errors != self._reported_diag:
+            self._reported_diag = self.diagnostic_errors
+            self._append_health(events, "probe/diagnostic_errors", self.diagnostic_errors, now)
 
     def _append_health(self, events, topic, value, now) -> None:
         if self.wants(topic):
             events.append(Event(topic, self._step, float(value), {}, now))
+
+    def diagnostic_failed(self, name: str, exc: BaseException) -> None:
+        """Count a telemetry-only computation that raised inside a step (the step goes on
+        without it): ``probe/diagnostic_errors``, one stderr line per ``name``."""
+        self.diagnostic_errors += 1
+        if name not in self._diag_seen:
+            self._diag_seen.add(name)
+            print(f"optprobe: diagnostic {name} failed: {exc!r}; the step goes on without it, "
+                  f"further failures are counted in probe/diagnostic_errors", file=sys.stderr)
 
     # -- delivery ------------------------------------------------------------------------
     def _deliver(self, events: list[Event]) -> None:

@@ -104,6 +104,9 @@ _ROWS: tuple[Topic, ...] = (
           delivery="alarm"),
     Topic("probe/collector_errors", SCALAR, "count", "collector failures (total)",
           delivery="alarm"),
+    Topic("probe/diagnostic_errors", SCALAR, "count",
+          "telemetry-only computations that raised inside a step and were left out (total)",
+          delivery="alarm"),
     # the training loop, through Probe.log
     Topic("train/loss", SCALAR, "as logged", "training loss", delivery="always"),
     Topic("eval/loss", SCALAR, "as logged", "evaluation loss", delivery="always"),

@@ -23,6 +23,21 @@ def _fixed_rows(k: int, m: int, dtype: torch.dtype, device: torch.device) -> tor
     return v
 
 
+def finite_eigvalsh(A: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending) of each symmetric matrix in ``A``; NaN for a matrix holding a
+    NaN/Inf or one LAPACK fails on, instead of an exception (telemetry must not break a step).
+
+    Non-finite matrices are swapped for zeros before the call, with no host read."""
+    bad = ~torch.isfinite(A).all(dim=-1).all(dim=-1)
+    safe = torch.where(bad[..., None, None], torch.zeros((), dtype=A.dtype, device=A.device), A)
+    try:
+        ev = torch.linalg.eigvalsh(safe)
+    except RuntimeError:  # _LinAlgError: no convergence on a finite but extreme matrix
+        return torch.full(A.shape[:-1], float("nan"), dtype=A.dtype, device=A.device)
+    return torch.where(bad[..., None], torch.full((), float("nan"), dtype=ev.dtype,
+                                                  device=ev.device), ev)
+
+
 def lanczos_extreme_eigvalsh(A: torch.Tensor, steps: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimates of the smallest and largest eigenvalues of symmetric ``A`` (``[..., m, m]``).
 
@@ -45,7 +60,7 @@ def lanczos_extreme_eigvalsh(A: torch.Tensor, steps: int = 12) -> tuple[torch.Te
     A3 = A.reshape(-1, m, m)
     k = min(steps, m)
     if k == m:  # the Krylov space is the whole space: the exact answer is as cheap
-        ev = torch.linalg.eigvalsh(A3)
+        ev = finite_eigvalsh(A3)
         return ev[:, 0].reshape(batch), ev[:, -1].reshape(batch)
     b = A3.shape[0]
     fixed = _fixed_rows(k, m, A.dtype, A.device)
@@ -62,7 +77,7 @@ def lanczos_extreme_eigvalsh(A: torch.Tensor, steps: int = 12) -> tuple[torch.Te
         w = torch.baddbmm(w, w @ Q.mT, Q, alpha=-1.0)  # twice is enough (Kahan-Parlett)
         Q[:, j + 1:j + 2] = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)
     T = Q @ A3 @ Q.mT
-    ev = torch.linalg.eigvalsh((T + T.mT) * 0.5)
+    ev = finite_eigvalsh((T + T.mT) * 0.5)
     return ev[:, 0].reshape(batch), ev[:, -1].reshape(batch)
 
 

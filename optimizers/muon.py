@@ -231,7 +231,10 @@ class Muon(torch.optim.Optimizer):
                         for key, items in buckets.items()]
             if bus.sampled:  # outside the span: time/muon/newton_schulz is NS alone
                 for items, X, iters, gram in done:
-                    self._bucket_telemetry(bus, items, X, iters, gram)
+                    try:  # telemetry never breaks a step: the update is already applied
+                        self._bucket_telemetry(bus, items, X, iters, gram)
+                    except Exception as exc:
+                        bus.diagnostic_failed("muon/ns_diagnostics", exc)
         fallback = [g for g in self.param_groups if g["route"] == routing.FALLBACK
                     and any(p.grad is not None for p in g["params"])]
         if fallback:

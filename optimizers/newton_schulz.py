@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from optimizers.linalg import lanczos_extreme_eigvalsh
+from optimizers.linalg import finite_eigvalsh, lanczos_extreme_eigvalsh
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 EPS = 1e-7  # the Frobenius norm is clamped to this: a zero gradient gives a zero update
@@ -246,7 +246,7 @@ def ns_diagnostics(X: torch.Tensor, residual: bool = True, singular_values: bool
     lo = hi = None
     if singular_values:
         if A.shape[-1] <= exact_below:
-            ev = torch.linalg.eigvalsh(A)
+            ev = finite_eigvalsh(A)
             lo, hi = ev[..., 0], ev[..., -1]
         else:
             lo, hi = lanczos_extreme_eigvalsh(A, lanczos_steps)
