@@ -20,7 +20,10 @@ class JSONLines:
 
     name = "JSONLines"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, run_id: str | None = None) -> None:
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise ValueError(f"run_id must be a non-empty str or None, got {run_id!r}")
+        self.run_id = run_id  # written as "run" on every line: runs sharing a file stay apart
         self.path = os.fspath(path)
         parent = os.path.dirname(self.path)
         if parent:
@@ -32,7 +35,10 @@ class JSONLines:
     def handle(self, events: list[Event]) -> None:
         if self._file.closed:
             return
-        text = "".join(json.dumps(e.to_dict(), separators=(",", ":")) + "\n" for e in events)
+        run = self.run_id
+        dicts = (e.to_dict() for e in events) if run is None else \
+            ({**e.to_dict(), "run": run} for e in events)
+        text = "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in dicts)
         data = memoryview(("\n" + text if self._torn else text).encode("utf-8"))
         self._torn = True
         while data:

@@ -433,7 +433,8 @@ _default: Bus | None = None
 
 
 def default_bus() -> Bus:
-    """The process-wide bus that optimizers use when given ``bus=None``."""
+    """A process-wide bus, for code that wants one shared bus on purpose (pass it as
+    ``bus=default_bus()``); ``bus=None`` gives each optimizer a bus of its own."""
     global _default
     if _default is None:
         _default = Bus()
@@ -441,9 +442,10 @@ def default_bus() -> Bus:
 
 
 def resolve_bus(bus: Bus | None) -> Bus:
-    """``bus`` itself, or the default bus when it is None."""
+    """``bus`` itself, or a new private Bus when it is None: two optimizers (and the probes
+    attached to them) never share a bus unless the caller passes the same one."""
     if bus is None:
-        return default_bus()
+        return Bus()
     if not isinstance(bus, Bus):
         raise ValueError(f"bus must be a hooks.Bus or None, got {type(bus).__name__}")
     return bus

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import sys
 import time
+import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +21,7 @@ from probe import distributed
 from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler
 from probe.names import parameter_names
+from probe.runlock import RunLock
 from probe.skip import SkippedStep
 from probe.stats import (
     STAT_ROWS,
@@ -31,6 +36,67 @@ from probe.stats import (
 
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
 _ON_NONFINITE = ("report", "skip")
+# live probes by optimizer and by bus: one probe drives one optimizer and one bus at a time
+_LIVE_BY_OPTIMIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LIVE_BY_BUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# wrapper optimizers keep the real one in one of these attributes and step it themselves
+_INNER = ("optimizer", "base_optimizer", "_optimizer", "inner_optimizer")
+
+
+def _inner_optimizer(optimizer: Any) -> tuple[str, Any] | None:
+    for attr in _INNER:
+        inner = getattr(optimizer, attr, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+            return attr, inner
+    return None
+
+
+_HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+               "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+               "_optimizer_load_state_dict_post_hooks")
+
+
+def _check_wrapper(optimizer: Any) -> None:
+    """Refuse a wrapper optimizer whose own step hooks cannot see its steps: one that skipped
+    ``Optimizer.__init__`` (pytorch-optimizer's Lookahead) or steps in two halves (SAM's
+    ``first_step``/``second_step``). BlockSchedule-like wrappers with real hooks are fine."""
+    found = _inner_optimizer(optimizer)
+    if found is None:
+        return
+    if all(hasattr(optimizer, a) for a in _HOOK_DICTS) and \
+            not callable(getattr(optimizer, "first_step", None)):
+        return
+    attr, inner = found
+    raise ValueError(f"optimizer: {type(optimizer).__name__} wraps another optimizer "
+                     f"(.{attr}, a {type(inner).__name__}) and steps it itself; attach to the "
+                     f"inner optimizer instead: probe.attach(opt.{attr}, ...)")
+
+
+def _check_log_value(topic: str, value: Any) -> Any:
+    """``value`` as the bus takes it (a float, a 0-d tensor, a str for text topics), or a
+    ValueError naming what is wrong: bad values are refused at ``p.log``, never in a step."""
+    row = hooks.topics.lookup(topic)
+    if row is not None and row.kind == hooks.topics.TEXT:
+        if not isinstance(value, str):
+            raise ValueError(f"value for the text topic {topic!r} must be a str, "
+                             f"got {type(value).__name__}")
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.is_sparse:
+            raise ValueError(f"value for {topic!r} must be a real 1-element tensor, got shape "
+                             f"{tuple(value.shape)} {value.dtype}")
+        return value.detach().reshape(())
+    if not isinstance(value, numbers.Real) and getattr(value, "size", None) == 1 \
+            and callable(getattr(value, "item", None)):
+        value = value.item()  # a 0-d or 1-element numpy array
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars, Fraction, ...
+        try:
+            return float(value)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ValueError(f"value for {topic!r} must fit a float64, got "
+                             f"{str(value)[:40]}...") from exc
+    raise ValueError(f"value for {topic!r} must be a real number (int, float, numpy scalar) or "
+                     f"a 1-element tensor, got {type(value).__name__}")
 
 
 class Probe:
@@ -51,7 +117,7 @@ class Probe:
                              f"got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if gpu not in ("auto", True, False):
+        if not (gpu == "auto" or gpu is True or gpu is False):  # 1 == True: refuse ints
             raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
         if not isinstance(profile, bool):
             raise ValueError(f"profile must be True or False, got {profile!r}")
@@ -65,13 +131,29 @@ class Probe:
             raise ValueError(f"reduce must be one of {distributed.REDUCE_OPS}, got {reduce!r}")
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"logdir must be a path or None, got {type(logdir).__name__}")
+        if logdir is not None and not os.fspath(logdir):
+            raise ValueError("logdir must be a non-empty path (or None for no files), got ''")
+        if logdir is not None and os.path.exists(logdir) and not os.path.isdir(logdir):
+            raise ValueError(f"logdir must be a folder, but {os.fspath(logdir)!r} is a file")
         if bus is not None and not isinstance(bus, hooks.Bus):
             raise ValueError(f"bus must be a hooks.Bus or None, got {type(bus).__name__}")
+        if collectors is not None and callable(getattr(collectors, "handle", None)):
+            raise ValueError("collectors must be a list of collectors (got one collector: "
+                             "pass collectors=[it])")
+        if collectors is not None and (isinstance(collectors, (str, bytes))
+                                       or not isinstance(collectors, Iterable)):
+            raise ValueError(f"collectors must be a list of objects with handle(events) or "
+                             f"None, got {type(collectors).__name__}")
         collectors = list(collectors) if collectors is not None else None
         if collectors is not None:
             for c in collectors:
                 if not callable(getattr(c, "handle", None)):
                     raise ValueError(f"collectors must have a handle(events) method, got {c!r}")
+        _check_wrapper(optimizer)
+        if optimizer in _LIVE_BY_OPTIMIZER:
+            raise ValueError("optimizer already has a probe attached; close() or detach() it "
+                             "first (one probe per optimizer: several collectors go in "
+                             "collectors=[...])")
         self.ranks = distributed.rank_and_world()
         if reduce is not None and self.ranks is None:
             raise ValueError("reduce needs torch.distributed to be initialized; "
@@ -84,13 +166,19 @@ class Probe:
         self.optimizer = optimizer
         self.model = model
         self.logdir = os.fspath(logdir) if logdir is not None else None
-        # a project optimizer carries the bus it emits on: the probe drives that one
+        # a project optimizer carries the bus it emits on: the probe drives that one; any
+        # other optimizer gets a bus of this probe's own, so probes never see each other
         own = getattr(optimizer, "bus", None)
         if bus is not None and isinstance(own, hooks.Bus) and own is not bus:
             raise ValueError("bus: this optimizer emits on its own bus (optimizer.bus); pass "
                              "that bus, or None to use it, so its telemetry reaches the probe")
-        self.bus = hooks.resolve_bus(bus if bus is not None else own)
+        chosen = bus if bus is not None else own if isinstance(own, hooks.Bus) else hooks.Bus()
+        if chosen in _LIVE_BY_BUS:
+            raise ValueError("bus: another live probe drives this bus (two optimizers share "
+                             "it); give each optimizer a bus of its own (bus=None does)")
+        self.bus = chosen
         self.bus.every = every
+        self.run_id = uuid.uuid4().hex[:12]
         self.histograms = histograms
         self.on_nonfinite = on_nonfinite
         self.reduce = reduce
@@ -105,10 +193,31 @@ class Probe:
         self._before: list[torch.Tensor] | None = None
         self._finite = FiniteCheck()
         self._step_timer = None
+        self._in_step = False
         self._overhead = 0.0
         self._closed = False
         self.skipped_steps = 0
+        self._handles: list = []
+        self._subs: list = []
+        self._checkpoint: CheckpointHooks | None = None
+        self.sampler: Sampler | None = None
+        self.profiler: Profiler | None = None
+        self.collectors: list = []
+        self._lock: RunLock | None = None
+        if any(optimizer.state.values()):
+            print("optprobe: this optimizer already has state (a checkpoint loaded before "
+                  "attach, or earlier steps): the probe counts from step 0; load checkpoints "
+                  "after attach so the step count in state_dict()['optprobe'] continues",
+                  file=sys.stderr)
+        try:  # attach is atomic: whatever fails, nothing stays hooked, subscribed or running
+            self._wire(optimizer, model, collectors, profile, gpu, hparams)
+        except BaseException:
+            self._release()
+            raise
+        _LIVE_BY_OPTIMIZER[optimizer] = self
+        _LIVE_BY_BUS[self.bus] = self
 
+    def _wire(self, optimizer, model, collectors, profile, gpu, hparams) -> None:
         self.summary_collector = Summary()
         if collectors is None:
             collectors = []
@@ -117,7 +226,9 @@ class Probe:
         for c in collectors:  # a Background collector's drops count in probe/dropped_events
             if isinstance(c, Background) and c.bus is None:
                 c.bus = self.bus
-        self.profiler: Profiler | None = Profiler(self.logdir) if profile else None
+        # owned from here: a failure later in attach must close them too
+        self.collectors = [self.summary_collector, *collectors]
+        self.profiler = Profiler(self.logdir) if profile else None
         if self.profiler is not None:
             collectors = [*collectors, self.profiler]
         self.collectors = [self.summary_collector, *collectors]
@@ -125,8 +236,8 @@ class Probe:
             [distributed.RankTagged(c, self.ranks[0]) for c in self.collectors]
         self._subs = [self.bus.subscribe(c, "*") for c in routed]
         self.sampler = self._make_sampler(gpu)
-        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
-                         optimizer.register_step_post_hook(self._post_step)]
+        self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+        self._handles.append(optimizer.register_step_post_hook(self._post_step))
         self._checkpoint = CheckpointHooks(optimizer, self)
         self._profile_due = False
         if self.profiler is not None:
@@ -139,12 +250,16 @@ class Probe:
     def _default_collectors(self, logdir: str, hparams: dict | None) -> list:
         # one JSON-lines file per rank; TensorBoard from rank 0 only (one series per tag)
         os.makedirs(logdir, exist_ok=True)
-        if self.ranks is None:
-            return [TensorBoard(logdir, hparams=hparams),
-                    JSONLines(os.path.join(logdir, "events.jsonl"))]
-        rank = self.ranks[0]
-        jsonl = JSONLines(os.path.join(logdir, f"events-rank{rank}.jsonl"))
-        return [TensorBoard(logdir, hparams=hparams), jsonl] if rank == 0 else [jsonl]
+        self._lock = RunLock(logdir, self.run_id)
+        name = "events.jsonl" if self.ranks is None else f"events-rank{self.ranks[0]}.jsonl"
+        jsonl = JSONLines(os.path.join(logdir, name), run_id=self.run_id)
+        try:
+            if self.ranks is not None and self.ranks[0] != 0:
+                return [jsonl]
+            return [TensorBoard(logdir, hparams=hparams), jsonl]
+        except BaseException:
+            jsonl.close()
+            raise
 
     def _make_sampler(self, gpu: str | bool) -> Sampler | None:
         cuda = self.bus.device.type == "cuda"
@@ -179,7 +294,10 @@ class Probe:
 
     # -- the hooks -----------------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        if self._in_step:  # the last step raised out of optimizer.step(): close it first
+            self._abandon_step()
         t0 = time.perf_counter()
+        self._in_step = True
         bus = self.bus
         prof = self.profiler
         if prof is not None and self._profile_due:  # no forward ran since the last step
@@ -201,6 +319,20 @@ class Probe:
         self._step_timer = bus.timer("step/time_ms")
         self._overhead = time.perf_counter() - t0
         self._step_timer.__enter__()
+
+    def _abandon_step(self) -> None:
+        """The previous step raised inside the optimizer (a caught KeyboardInterrupt): undo a
+        skip's hiding (parameters and state back, the gradients left as the loop set them
+        since) and deliver what that step had emitted, under its own number."""
+        self._in_step = False
+        skipping, self._skipping = self._skipping, None
+        if skipping is not None:
+            skipping.restore(grads=False)
+        self._before = None
+        if self._step_timer is not None:
+            self._step_timer.__exit__(None, None, None)
+            self._step_timer = None
+        self.bus.end_step()
 
     def _culprits(self, grads: list[torch.Tensor]) -> list[dict]:
         """The tags of the gradients holding a NaN or Inf (a host read: a sync on CUDA)."""
@@ -236,7 +368,11 @@ class Probe:
             bus.emit("anomaly/skipped_step", 1.0 if bad else 0.0)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        if not self._in_step:  # attached inside this step: the probe starts at the next one
+            return
+        self._in_step = False
         self._step_timer.__exit__(None, None, None)
+        self._step_timer = None
         t0 = time.perf_counter()
         bus = self.bus
         if self._skipping is not None:
@@ -335,12 +471,13 @@ class Probe:
         return self._step
 
     def log(self, topic: str, value: Any, **tags: Any) -> None:
-        """Log a training-loop value (``train/loss``, ``eval/accuracy``, ``user/<name>``);
-        a tensor is resolved with the step's batch, not synchronized here."""
+        """Log a training-loop value (``train/loss``, ``eval/accuracy``, ``user/<name>``): a
+        real number (numpy scalars too) or a 1-element tensor, resolved with the step's batch
+        without a sync; a bad value raises ValueError here, never later in a step."""
         if not isinstance(topic, str) or not hooks.topics.is_declared(topic):
             raise ValueError(f"topic must be a catalogue topic such as 'train/loss' or "
                              f"'user/<name>', got {topic!r}")
-        self.bus.emit(topic, value, **tags)
+        self.bus.emit(topic, _check_log_value(topic, value), **tags)
 
     def summary(self) -> dict[str, dict]:
         """Aggregates per tag: count, last, min, max, mean (text: last)."""
@@ -351,11 +488,9 @@ class Probe:
         self.bus.flush()
 
     def detach(self) -> None:
-        """Remove the optimizer hooks; the optimizer is left exactly as before attach."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._checkpoint.remove()
+        """The same as ``close()``: the optimizer is left exactly as before attach, and every
+        hook, subscription, thread and file of this probe is released."""
+        self.close()
 
     def _checkpoint_state(self) -> dict:
         return {"version": 1, "step": self._step, "skipped_steps": self.skipped_steps,
@@ -372,18 +507,45 @@ class Probe:
             self.summary_collector.load_state_dict(summary)
 
     def close(self) -> None:
-        """Detach, flush every pending event and close this probe's collectors."""
+        """Remove every hook, flush every pending event and close this probe's collectors;
+        the optimizer is left exactly as before attach."""
         if self._closed:
             return
         self._closed = True
-        self.detach()
+        if self._in_step:  # closed from inside a step or after one that raised
+            self._abandon_step()
+        self._release()
+
+    def _release(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._checkpoint is not None:
+            self._checkpoint.remove()
         try:
             if self.sampler is not None:
                 self.sampler.close()
-            self.bus.flush()
+            if self._subs:
+                self.bus.flush()
         finally:
+            closed = {id(getattr(sub.collector, "collector", sub.collector)) for sub in self._subs}
             for sub in self._subs:
                 sub.close()
+            self._subs = []
+            for c in self.collectors:  # made but never subscribed: attach failed midway
+                close = getattr(c, "close", None)
+                if close is not None and id(c) not in closed:
+                    try:
+                        close()
+                    except Exception as exc:
+                        print(f"optprobe: closing {type(c).__name__} failed: {exc!r}",
+                              file=sys.stderr)
+            if self._lock is not None:
+                self._lock.release()
+            if _LIVE_BY_OPTIMIZER.get(self.optimizer) is self:
+                del _LIVE_BY_OPTIMIZER[self.optimizer]
+            if _LIVE_BY_BUS.get(self.bus) is self:
+                del _LIVE_BY_BUS[self.bus]
 
     def __enter__(self) -> Probe:
         return self

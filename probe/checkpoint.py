@@ -21,11 +21,14 @@ class CheckpointHooks:
     def __init__(self, optimizer: torch.optim.Optimizer, probe: Any) -> None:
         self.probe = probe
         self._loaded: dict | None = None
-        self.handles = [
-            optimizer.register_state_dict_post_hook(self._save),
-            optimizer.register_load_state_dict_pre_hook(self._take),
-            optimizer.register_load_state_dict_post_hook(self._apply),
-        ]
+        self.handles: list = []
+        try:  # one at a time, so a failure leaves none of them behind
+            self.handles.append(optimizer.register_state_dict_post_hook(self._save))
+            self.handles.append(optimizer.register_load_state_dict_pre_hook(self._take))
+            self.handles.append(optimizer.register_load_state_dict_post_hook(self._apply))
+        except BaseException:
+            self.remove()
+            raise
 
     def _save(self, optimizer, state_dict: dict) -> dict:
         # deliver what is pending first, so the aggregates include everything logged so far

@@ -48,13 +48,15 @@ class SkippedStep:
         for p in self.params:
             p.grad = None
 
-    def restore(self) -> None:
-        """Put parameters, gradients, state and group settings back as they were."""
+    def restore(self, grads: bool = True) -> None:
+        """Put parameters, state and group settings back as they were, and the gradients too
+        unless ``grads`` is False (the step raised and the loop has set new ones since)."""
         opt = self.optimizer
         with torch.no_grad():
             for p, v, g in zip(self.params, self.values, self.grads):
                 p.copy_(v)
-                p.grad = g
+                if grads:
+                    p.grad = g
         for p in self.params:
             saved = self.state.get(p)
             if saved is None:
