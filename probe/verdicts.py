@@ -50,10 +50,11 @@ RANGES: tuple[Range, ...] = (
           "'should be somewhere around 1e-3'"),
     Range("muon/ns_residual", f"<= {NS_RESIDUAL_MAX:g} per parameter",
           "singular values outside NS's [0.68, 1.21] band: the update is not near-orthogonal",
-          "docs/muon.md (the band, measured); Jordan et al. 2024, Muon"),
+          "the NS band [0.68, 1.21] measured in docs/muon.md for K. Jordan's quintic "
+          "coefficients (blog post 'Muon', 2024) puts the residual at <= 0.55; demo 0.29-0.39"),
     Range("kfac/cond_A", f"< {COND_SHARE:g} x max_condition per layer",
           "at the bound, eigenvalue clipping, not damping, shapes the preconditioner",
-          "docs/kfac.md (max_condition, default 1e6)"),
+          "project bound: docs/kfac.md (max_condition, default 1e6); demo max 2.5e3"),
     Range("kfac/cond_G", f"< {COND_SHARE:g} x max_condition per layer",
           "as kfac/cond_A", "docs/kfac.md"),
     Range("kfac/clipped_A", "0 at the last sample per layer",
@@ -63,11 +64,13 @@ RANGES: tuple[Range, ...] = (
           "docs/kfac.md"),
     Range("falcon/mask_sparsity", f"<= {MASK_SPARSITY_MAX:g} per parameter",
           "the mask zeroes almost every frequency bin: little of the gradient is left",
-          "docs/falcon.md"),
+          "project threshold (docs/falcon.md); demo 0.17-0.67"),
     Range("falcon/cos_raw_filtered", f">= {COS_FILTERED_MIN:g} per parameter",
-          "the filtered gradient points away from the raw one", "docs/falcon.md"),
+          "the filtered gradient points away from the raw one",
+          "project threshold (docs/falcon.md); demo 0.51-0.99"),
     Range("blocks/relevance", f"a frozen block's relevance stays below {RELEVANCE_RISE:g}x "
-          f"its value when it froze", "the block may need to train again", "docs/blocks.md"),
+          f"its value when it froze", "the block may need to train again",
+          "project threshold (docs/blocks.md: relevance decides what freezes)"),
 )
 
 
@@ -236,3 +239,10 @@ def check(by_topic: Mapping[str, list[dict]],
                       f"points away from the raw one)")
     out += _frozen_relevance(by_topic)
     return out
+
+
+def markdown_table() -> str:
+    """``RANGES`` as the Markdown table docs/dashboards.md shows."""
+    lines = ["| topic | healthy | outside it | source |", "|---|---|---|---|"]
+    lines += [f"| `{r.topic}` | {r.healthy} | {r.why} | {r.source} |" for r in RANGES]
+    return "\n".join(lines)
