@@ -189,3 +189,48 @@ def test_tensorboard_start_validates(tmp_path):
         start(tmp_path / "nope")
     with pytest.raises(ValueError, match="port must be"):
         start(tmp_path, port=70000)
+
+
+def _tiny_run(path):
+    path.mkdir(parents=True, exist_ok=True)
+    lines = [{"topic": "eval/accuracy", "step": s, "value": 0.5 + 0.1 * s, "tags": {},
+              "wall_time": 1e9 + s} for s in range(4)]
+    (path / "events.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_report_errors_are_one_line_and_nonzero(tmp_path, capsys):
+    run = _tiny_run(tmp_path / "run")
+    notrun = tmp_path / "notes.txt"
+    notrun.write_text("# a README, not a run\nhello\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "events.jsonl").write_text("")
+    for args, msg in (
+            ([str(notrun)], "no usable events in"),
+            ([str(empty)], "no usable events in"),
+            ([str(run), "--plots", str(notrun)], "--plots .* is a file, not a folder"),
+            ([str(run), "--plots", str(notrun / "sub")], "--plots .* cannot be created"),
+            ([str(run), "--target", "nan"], "--target must be a finite number")):
+        with pytest.raises(SystemExit, match=msg) as exc:
+            main(["report", *args])
+        assert "\n" not in str(exc.value.code)  # one line, and a non-zero status (a message)
+        # nothing was printed before the error: checked before any work
+        assert capsys.readouterr().out == ""
+    # a non-run next to a run is left out with a note; the run is reported
+    assert main(["report", str(run), str(notrun)]) == 0
+    cap = capsys.readouterr()
+    assert "has no usable events, left out" in cap.err and "== run" in cap.out
+
+
+def test_report_unreachable_target_says_so(tmp_path, capsys):
+    run = _tiny_run(tmp_path / "run")
+    assert main(["report", str(run), "--target", "0.99"]) == 1
+    cap = capsys.readouterr()
+    row = next(ln for ln in cap.out.splitlines() if ln.startswith("s to eval/accuracy"))
+    assert row.split()[-1] == "never"
+    assert cap.err.strip() == "probe report: no run reaches --target 0.99 on eval/accuracy"
+    assert main(["report", str(run), "--target", "0.7"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines()
+               if ln.startswith("s to eval/accuracy"))
+    assert float(row.split()[-1]) == pytest.approx(2.0)  # 0.5, 0.6, 0.7 at 1e9 + 2
