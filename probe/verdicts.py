@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from probe.records import safe_text
 
 UPDATE_RATIO = (1e-4, 1e-2)  # around the 1e-3 rule of thumb
+MIN_RATIO_SAMPLES = 4
 NS_RESIDUAL_MAX = 0.6
 COND_SHARE = 0.5  # of max_condition
 MASK_SPARSITY_MAX = 0.9
@@ -43,7 +44,7 @@ RANGES: tuple[Range, ...] = (
     Range("probe/collector_errors", "0", "a collector failed (disk full, ...)",
           "docs/resilience.md"),
     Range("update/ratio", f"median (of the total, else over parameters) over the second half "
-          f"of the run in "
+          f"of the run (>= {MIN_RATIO_SAMPLES} samples) in "
           f"[{UPDATE_RATIO[0]:g}, {UPDATE_RATIO[1]:g}]",
           "far below: lr too low, weights barely move; far above: lr too high",
           "Karpathy, CS231n notes, 'Neural Networks Part 3': the update/weight ratio "
@@ -160,8 +161,8 @@ def _update_ratio(by_topic: Mapping[str, list[dict]]) -> list[Verdict]:
                     steps.setdefault(step, []).append(v)
         series = [(step, _median(vs)) for step, vs in sorted(steps.items())]
     half = [(s, v) for s, v in series[len(series) // 2:] if math.isfinite(v)]
-    if not half:
-        return []
+    if len(series) < MIN_RATIO_SAMPLES or not half:
+        return []  # a run too short for a trend (Adam's first step moves by lr per weight)
     med = _median([v for _, v in half])
     lo, hi = UPDATE_RATIO
     if lo <= med <= hi:
