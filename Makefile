@@ -5,8 +5,11 @@ STAMP := $(VENV)/.optprobe-installed
 PYTEST_ARGS ?=
 BENCH_JSON ?= bench.json
 BENCH_DOC ?= docs/gates.md
+# `make tensorboard` / `make report`: the runs to show and where report writes its figures
+RUNS ?= runs
+PLOTS ?= $(RUNS)/plots
 
-.PHONY: setup demo test bench bench-table lint clean
+.PHONY: setup demo test bench bench-table lint clean tensorboard report
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	bash scripts/setup-venv.sh $(VENV)
@@ -31,6 +34,14 @@ bench: $(STAMP)
 bench-table: $(STAMP)
 	$(PY) -m probe bench-table $(BENCH_JSON) --update $(BENCH_DOC) \
 	  --command "$(strip make bench $(PYTEST_ARGS))"
+
+# Serves $(RUNS) on 127.0.0.1 (port 6006, or a free one when it is taken) until Ctrl-C.
+tensorboard: $(STAMP)
+	$(PY) -m probe tensorboard $(RUNS)
+
+# Tables, warnings and figures for every run under $(RUNS).
+report: $(STAMP)
+	$(PY) -m probe report $(RUNS) --plots $(PLOTS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -18,6 +19,8 @@ from torch import nn
 
 import probe
 from optimizers import KFAC, BlockSchedule, Falcon, Muon
+from probe import verdicts
+from probe.records import read_file
 
 # name -> factory(model, total_steps) -> optimizer. Each optimizer issue adds its entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
@@ -99,33 +102,39 @@ def train(name: str, steps: int, batch: int, every: int, logdir: str, seed: int,
     t0 = time.perf_counter()
     hparams = {"optimizer": name, "lr": float(inner.param_groups[0]["lr"]), "steps": steps,
                "batch": batch, "every": every, "seed": seed}
+    interrupted = False
     with probe.attach(inner, model=model, logdir=logdir, every=every, hparams=hparams,
                       profile=profile) as p:
         step = 0
-        while step < steps:
-            perm = torch.randperm(len(xtr), generator=g)
-            for i in range(steps_per_epoch):
-                if step >= steps:
-                    break
-                idx = perm[i * batch:(i + 1) * batch]
-                loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                p.log("train/loss", loss.detach())
-                step += 1
-                bar.update(1)
-                if step % steps_per_epoch == 0 or step == steps:
-                    eloss, acc = evaluate(model, xte, yte)
-                    p.log("eval/loss", eloss)
-                    p.log("eval/accuracy", acc)
-                    bar.set_postfix(loss=f"{eloss:.3f}", acc=f"{acc:.3f}")
+        try:
+            while step < steps:
+                perm = torch.randperm(len(xtr), generator=g)
+                for i in range(steps_per_epoch):
+                    if step >= steps:
+                        break
+                    idx = perm[i * batch:(i + 1) * batch]
+                    loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    p.log("train/loss", loss.detach())
+                    step += 1
+                    bar.update(1)
+                    if step % steps_per_epoch == 0 or step == steps:
+                        eloss, acc = evaluate(model, xte, yte)
+                        p.log("eval/loss", eloss)
+                        p.log("eval/accuracy", acc)
+                        bar.set_postfix(loss=f"{eloss:.3f}", acc=f"{acc:.3f}")
+        except KeyboardInterrupt:
+            # leaving the with flushes what was recorded; the summary shows the partial run
+            interrupted = True
     bar.close()
     wall = time.perf_counter() - t0
     s = p.summary()
     step_times = _series(logdir, "step/time_ms")
     return {
-        "optimizer": name, "logdir": logdir, "wall_s": wall,
+        "optimizer": name, "logdir": logdir, "wall_s": wall, "steps": step,
+        "interrupted": interrupted,
         "accuracy": s.get("eval/accuracy", {}).get("last", float("nan")),
         "eval_loss": s.get("eval/loss", {}).get("last", float("nan")),
         "step_ms_median": statistics.median(step_times) if step_times else float("nan"),
@@ -134,9 +143,20 @@ def train(name: str, steps: int, batch: int, every: int, logdir: str, seed: int,
                                  if v.get("topic") == "update/ratio" and "max" in v),
                                 default=float("nan")),
         "nonfinite": s.get("anomaly/nonfinite", {}).get("max", 0.0),
+        "warnings": _warnings(logdir),
         "summary": s,
         "traces": list(p.profiler.traces) if p.profiler is not None else [],
     }
+
+
+def _warnings(logdir: str) -> list[str]:
+    path = os.path.join(logdir, "events.jsonl")
+    if not os.path.exists(path):
+        return []
+    by_topic: dict[str, list[dict]] = {}
+    for r in read_file(path)[0]:
+        by_topic.setdefault(r["topic"], []).append(r)
+    return [v.message for v in verdicts.check(by_topic)]
 
 
 def _series(logdir: str, topic: str) -> list[float]:
@@ -166,15 +186,33 @@ def _bar(total: int, desc: str, progress: bool):
 
 def table(results: list[dict]) -> str:
     """The demo's summary table, one row per optimizer."""
-    head = f"{'optimizer':<10} {'accuracy':>8} {'eval loss':>9} {'step ms':>8} " \
+    head = f"{'optimizer':<10} {'steps':>6} {'accuracy':>8} {'eval loss':>9} {'step ms':>8} " \
            f"{'grad norm':>9} {'max upd/param':>13} {'nonfinite':>9} {'wall s':>7}"
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r['optimizer']:<10} {r['accuracy']:>8.3f} {r['eval_loss']:>9.3f} "
-                    f"{r['step_ms_median']:>8.2f} {r['grad_norm']:>9.3f} "
+        steps = f"{r.get('steps', '')}{'*' if r.get('interrupted') else ''}"
+        rows.append(f"{r['optimizer']:<10} {steps:>6} {r['accuracy']:>8.3f} "
+                    f"{r['eval_loss']:>9.3f} {r['step_ms_median']:>8.2f} {r['grad_norm']:>9.3f} "
                     f"{r['update_ratio_max']:>13.2e} {int(r['nonfinite']):>9d} "
                     f"{r['wall_s']:>7.1f}")
+    if any(r.get("interrupted") for r in results):
+        rows.append("* interrupted (Ctrl-C): the figures cover the steps run")
+    warned = [(r["optimizer"], w) for r in results for w in r.get("warnings", [])]
+    if warned:
+        rows += ["", "Warnings (healthy ranges: docs/dashboards.md):"]
+        rows += [f"  {name}: {w}" for name, w in warned]
     return "\n".join(rows)
+
+
+def probe_command() -> str:
+    """The command that runs this interpreter's ``probe`` from the current folder in a fresh
+    shell (no activated venv): ``.venv/bin/python -m probe`` from the repository root."""
+    exe = os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink
+    rel = os.path.relpath(exe)
+    shown = exe if rel.startswith(os.pardir) else rel
+    if os.sep not in shown:
+        shown = os.path.join(os.curdir, shown)  # a bare name would be looked up on PATH
+    return f"{shlex.quote(shown)} -m probe"
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -193,7 +231,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo for the chosen optimizers and print the summary."""
+    """Run the demo for the chosen optimizers and print the summary (a partial one, exit
+    status 130, when interrupted with Ctrl-C)."""
     names = list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer]
     for n in names:
         if n not in OPTIMIZERS:
@@ -204,13 +243,27 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"probe demo: --{flag} must be >= 1, got {getattr(args, flag)}")
     stamp = args.name or time.strftime("%Y%m%d-%H%M%S")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    cmd = probe_command()
+    os.makedirs(args.runs, exist_ok=True)
+    print(f"Watch it live: {cmd} tensorboard {shlex.quote(args.runs)}", flush=True)
     results = []
+    interrupted = False
     for n in names:
         logdir = os.path.join(args.runs, f"{stamp}-{n}")
-        results.append(train(n, args.steps, args.batch, args.every, logdir, args.seed,
-                             progress=not args.no_progress,
-                             profile=getattr(args, "profile", False)))
+        try:
+            results.append(train(n, args.steps, args.batch, args.every, logdir, args.seed,
+                                 progress=not args.no_progress,
+                                 profile=getattr(args, "profile", False)))
+        except KeyboardInterrupt:  # outside the training loop (set-up, evaluation)
+            interrupted = True
+            break
+        if results[-1]["interrupted"]:
+            interrupted = True
+            break
     print()
+    if not results:
+        print("probe demo: interrupted before a run finished its set-up", file=sys.stderr)
+        return 130
     print(table(results))
     print()
     print("Runs written to:")
@@ -219,8 +272,8 @@ def run(args: argparse.Namespace) -> int:
         for t in r.get("traces", []):
             print(f"    profiler trace: {t}  (TensorBoard's PyTorch Profiler tab, Perfetto)")
     print()
-    print("View them with:")
-    print(f"  tensorboard --logdir {args.runs}")
-    print(f"  probe report {' '.join(r['logdir'] for r in results)} "
-          f"--plots {os.path.join(args.runs, stamp + '-plots')}")
-    return 0
+    print("View them with (from this folder, no venv to activate):")
+    print(f"  {cmd} tensorboard {shlex.quote(args.runs)}")
+    print(f"  {cmd} report {' '.join(shlex.quote(r['logdir']) for r in results)} "
+          f"--plots {shlex.quote(os.path.join(args.runs, stamp + '-plots'))}")
+    return 130 if interrupted else 0

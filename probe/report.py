@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dashboards import read_events
+from hooks import topics
+from probe import verdicts
+from probe.records import read_file, safe_text
 
 # the diagnostics a reader looks at first, by family (a family's figure holds its topics)
 KEY_DIAGNOSTICS: dict[str, tuple[str, ...]] = {
@@ -30,6 +32,8 @@ KEY_DIAGNOSTICS: dict[str, tuple[str, ...]] = {
                "probe/collector_errors"),
 }
 HIGHER_IS_BETTER = ("accuracy",)
+# the report and figures name this many costliest stages; the rest are summed into one row
+TOP_STAGES = 12
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Run:
     path: str
     records: list[dict]
     bad: list[tuple[int, str]]
+    skipped: dict[str, int] = field(default_factory=dict)
+    label: str = ""
     by_topic: dict[str, list[dict]] = field(default_factory=dict)
     t0: float = 0.0
 
@@ -53,6 +59,12 @@ class Run:
                 walls.append(w)
         self.by_topic = dict(by)
         self.t0 = min(walls) if walls else 0.0
+        self.label = self.label or self.name
+
+    @property
+    def n_bad(self) -> int:
+        """Unreadable lines plus parsed records that could not be used."""
+        return len(self.bad) + sum(self.skipped.values())
 
     def series(self, topic: str, how: str = "median",
                total: bool = True) -> tuple[np.ndarray, ...]:
@@ -65,7 +77,7 @@ class Run:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             slot = per_step.setdefault(int(r["step"]), [[], [], 0.0])
-            (slot[1] if r.get("tags", {}).get("param") else slot[0]).append(float(v))
+            (slot[1] if r["tags"].get("param") else slot[0]).append(float(v))
             slot[2] = max(slot[2], float(r.get("wall_time") or 0.0))
         steps = sorted(per_step)
         vals = []
@@ -87,7 +99,7 @@ class Run:
         per: dict[int, list[float]] = defaultdict(list)
         for r in self.by_topic.get(topic, ()):
             v = r["value"]
-            if r.get("tags", {}).get("param") and isinstance(v, (int, float)):
+            if r["tags"].get("param") and isinstance(v, (int, float)):
                 per[int(r["step"])].append(float(v))
         steps = sorted(per)
         steps = [s for s in steps if any(math.isfinite(x) for x in per[s])]
@@ -121,17 +133,45 @@ def find_runs(paths: list[str]) -> list[str]:
     return out
 
 
+def short_labels(names: list[str]) -> list[str]:
+    """``names`` without the prefix and suffix they all share (cut at a '-', '_' or '.'), so
+    stamped run names ``20261202-1030-adamw``, ``20261202-1030-muon`` read ``adamw``, ``muon``;
+    a name left empty, or labels that would collide, keep the full names."""
+    if len(names) < 2:
+        return list(names)
+
+    def common(strs: list[str]) -> int:
+        n = len(os.path.commonprefix(strs))
+        cut = max((strs[0].rfind(c, 0, n) for c in "-_."), default=-1)
+        # a whole shared name up to a separator is a prefix; else cut at the last separator
+        return n if n and all(len(x) > n and x[n - 1] in "-_." for x in strs) else cut + 1
+
+    head = common(names)
+    rev = [x[head:][::-1] for x in names]
+    tail = common(rev)
+    out = [x[head:len(x) - tail] if tail else x[head:] for x in names]
+    if any(not x for x in out) or len(set(out)) < len(out):
+        return list(names)
+    return out
+
+
 def load_runs(paths: list[str]) -> list[Run]:
-    """Read every run behind ``paths``; names are the run folders' names, made unique."""
+    """Read every run behind ``paths``; names are the run folders' names, made unique, and
+    labels those names without the stamp they share."""
     runs: list[Run] = []
     names: dict[str, int] = {}
     for f in find_runs(paths):
-        good, bad = read_events(f)
+        try:
+            good, bad, skipped = read_file(f)
+        except OSError as exc:
+            raise ValueError(f"RUN_DIR {safe_text(f)!r} cannot be read: {exc.strerror}") from None
         folder = os.path.dirname(os.path.abspath(f))
-        name = os.path.basename(folder) or f
+        name = safe_text(os.path.basename(folder) or f, 80)
         n = names.get(name, 0)
         names[name] = n + 1
-        runs.append(Run(name if n == 0 else f"{name}#{n + 1}", f, good, bad))
+        runs.append(Run(name if n == 0 else f"{name}#{n + 1}", f, good, bad, skipped))
+    for r, label in zip(runs, short_labels([r.name for r in runs])):
+        r.label = label
     return runs
 
 
@@ -178,15 +218,49 @@ def target_topic(runs: list[Run]) -> str | None:
     return None
 
 
-def stage_medians(run: Run) -> list[tuple[str, float]]:
-    """(stage, median ms per step summed over its tags) for every time/* topic of ``run``."""
+@dataclass(frozen=True)
+class StageCost:
+    """One stage's cost over the run's timed steps: ``per_step_ms`` is amortized (its total
+    time / the number of timed steps) and ``share`` that total over the steps' total time, so
+    shares and amortized costs add up over the stages and the rest of the step."""
+
+    name: str
+    per_step_ms: float
+    share: float
+    ran: int  # timed steps on which it ran
+    mean_ms: float  # mean ms on the steps where it ran (all its tags summed)
+
+
+def stage_costs(run: Run) -> tuple[list[StageCost], int, float]:
+    """(stage costs, costliest first; the number of timed steps; their mean step ms). A timed
+    step has an untagged step/time_ms; without any, the steps with a stage are counted and
+    the shares are NaN."""
+    step_ms: dict[int, float] = {}
+    for r in run.by_topic.get("step/time_ms", ()):
+        v = r["value"]
+        if not r["tags"] and isinstance(v, float) and math.isfinite(v):
+            step_ms[r["step"]] = v
+    per_stage: dict[str, dict[int, float]] = {}
+    for topic, recs in run.by_topic.items():
+        if not topic.startswith("time/"):
+            continue
+        per = per_stage.setdefault(topic[len("time/"):], {})
+        for r in recs:
+            v = r["value"]
+            if isinstance(v, float) and math.isfinite(v) and (not step_ms or r["step"] in step_ms):
+                per[r["step"]] = per.get(r["step"], 0.0) + v
+    steps = set(step_ms) or {s for per in per_stage.values() for s in per}
+    n = len(steps)
+    total_step = float(sum(step_ms.values()))
     out = []
-    for topic in sorted(t for t in run.by_topic if t.startswith("time/")):
-        v = run.series(topic, how="sum")[2]
-        v = v[np.isfinite(v)]
-        if v.size:
-            out.append((topic[len("time/"):], float(np.median(v))))
-    return out
+    for name, per in per_stage.items():
+        if not per:
+            continue
+        total = float(sum(per.values()))
+        out.append(StageCost(name, total / n, total / total_step if total_step > 0 else math.nan,
+                             len(per), total / len(per)))
+    out.sort(key=lambda c: (-c.per_step_ms, c.name))
+    return out, n, total_step / len(step_ms) if step_ms else math.nan
 
 
 def step_times(run: Run) -> np.ndarray:
@@ -216,57 +290,93 @@ def comparison_rows(runs: list[Run], topic: str | None, target: float | None) ->
         st = step_times(r)
         meds.append(float(np.median(st)) if st.size else math.nan)
         p95s.append(float(np.percentile(st, 95)) if st.size else math.nan)
-        w = [x.get("wall_time") or 0.0 for x in r.records]
+        w = [x["wall_time"] or 0.0 for x in r.records]
         walls.append(max(w) - r.t0 if w and r.t0 else math.nan)
     rows += [("step ms median", meds), ("step ms p95", p95s), ("wall s (events)", walls)]
     if topic is not None and target is not None:
-        rows.append((f"s to {topic} {target:.4g}", [time_to_target(r, topic, target)
-                                                   for r in runs]))
-    rows.append(("events / bad lines", [f"{len(r.records)}/{len(r.bad)}" for r in runs]))
+        secs = [time_to_target(r, topic, target) for r in runs]
+        rows.append((f"s to {topic} {target:.4g}",
+                     [s if math.isfinite(s) else "never" for s in secs]))
+    rows.append(("events / bad lines", [f"{len(r.records)}/{r.n_bad}" for r in runs]))
     return rows
 
 
-def render(runs: list[Run], topic: str | None = None, target: float | None = None) -> str:
-    """The whole text report: the side-by-side table, then one block per run."""
-    width = max(11, *(len(r.name) for r in runs))
+def _unit(topic: str) -> str:
+    row = topics.lookup(topic)
+    return row.unit if row is not None else ""
+
+
+def _stage_lines(r: Run) -> list[str]:
+    costs, n, mean_step = stage_costs(r)
+    if not costs:
+        return []
+    lines = [f"   {'stage (amortized over ' + str(n) + ' timed steps)':<40} {'ms/step':>11} "
+             f"{'of step':>8} {'ran on':>7} {'ms when ran':>11}"]
+    for c in costs[:TOP_STAGES]:
+        share = f"{100 * c.share:7.1f}%" if math.isfinite(c.share) else f"{'-':>8}"
+        lines.append(f"   {safe_text(c.name, 40):<40} {_fmt(c.per_step_ms)} {share} "
+                     f"{c.ran:>7d} {_fmt(c.mean_ms)}")
+    rest = costs[TOP_STAGES:]
+    if rest:
+        ms = sum(c.per_step_ms for c in rest)
+        sh = sum(c.share for c in rest)
+        share = f"{100 * sh:7.1f}%" if math.isfinite(sh) else f"{'-':>8}"
+        lines.append(f"   {f'({len(rest)} more stages)':<40} {_fmt(ms)} {share}")
+    if math.isfinite(mean_step):
+        covered = sum(c.per_step_ms for c in costs)
+        lines.append(f"   {'rest of step (no span)':<40} {_fmt(max(0.0, mean_step - covered))} "
+                     f"{100 * max(0.0, 1 - covered / mean_step):7.1f}%")
+        lines.append(f"   {'whole step (mean)':<40} {_fmt(mean_step)} {100.0:7.1f}%")
+    return lines
+
+
+def _diagnostic_lines(r: Run) -> list[str]:
+    diag = [(t, r.values(t), r.series(t)[2]) for fam in KEY_DIAGNOSTICS.values()
+            for t in fam if t in r.by_topic]
+    diag = [(t, allv, ser) for t, allv, ser in diag if allv.size and ser.size]
+    if not diag:
+        return []
+    lines = [f"   {'diagnostic':<32} {'unit':>8} {'last':>11} {'min':>11} {'max':>11} "
+             f"{'tags':>5}"]
+    for t, allv, ser in diag:
+        ntags = len({x["tags"].get("param", "") for x in r.by_topic[t]})
+        fin = allv[np.isfinite(allv)]
+        mn, mx = (float(fin.min()), float(fin.max())) if fin.size else (math.nan,) * 2
+        lines.append(f"   {t:<32} {_unit(t):>8} {_fmt(float(ser[-1]))} {_fmt(mn)} {_fmt(mx)} "
+                     f"{ntags:>5}")
+    return lines
+
+
+def render(runs: list[Run], topic: str | None = None, target: float | None = None,
+           max_condition: float = verdicts.DEFAULT_MAX_CONDITION) -> str:
+    """The whole text report: the side-by-side table, then one block per run with its stage
+    costs, key diagnostics and the warnings of ``probe.verdicts``."""
+    width = max(11, *(len(r.label) for r in runs))
     lines = []
-    head = f"{'':<26}" + "".join(f" {r.name:>{width}}" for r in runs)
+    head = f"{'':<26}" + "".join(f" {r.label:>{width}}" for r in runs)
     lines += [head, "-" * len(head)]
     for label, vals in comparison_rows(runs, topic, target):
         cells = "".join(f" {v:>{width}}" if isinstance(v, str) else " " + _fmt(v, width)
                         for v in vals)
         lines.append(f"{label:<26}{cells}")
     for r in runs:
-        lines += ["", f"== {r.name}  ({r.path})"]
+        lines += ["", f"== {r.label}  ({safe_text(r.path, 300)})"]
         if r.bad:
-            shown = "; ".join(f"line {n}: {why}" for n, why in r.bad[:5])
+            shown = "; ".join(f"line {n}: {safe_text(why, 80)}" for n, why in r.bad[:5])
             more = f" (+{len(r.bad) - 5} more)" if len(r.bad) > 5 else ""
             lines.append(f"   {len(r.bad)} bad line(s) skipped: {shown}{more}")
-        st = step_times(r)
-        stages = stage_medians(r)
-        if stages:
-            # share of the step time summed over the sampled steps: a stage that runs only
-            # now and then (an eigendecomposition every 100 steps) is weighed by how often
-            step_total = float(np.nansum(st)) if st.size else math.nan
-            lines.append(f"   {'stage':<32} {'median ms':>11} {'of step':>8}")
-            for name, ms in stages:
-                total = float(np.nansum(r.values("time/" + name)))
-                share = f"{100 * total / step_total:7.1f}%" if step_total > 0 else f"{'-':>8}"
-                lines.append(f"   {name:<32} {_fmt(ms)} {share}")
-        diag = [(t, r.values(t), r.series(t)[2]) for fam in KEY_DIAGNOSTICS.values()
-                for t in fam if t in r.by_topic]
-        diag = [(t, allv, ser) for t, allv, ser in diag if allv.size]
-        if diag:
-            lines.append(f"   {'diagnostic':<32} {'last':>11} {'min':>11} {'max':>11} "
-                         f"{'tags':>5}")
-            for t, allv, ser in diag:
-                ntags = len({x.get('tags', {}).get('param', '') for x in r.by_topic[t]})
-                fin = allv[np.isfinite(allv)]
-                mn, mx = (float(fin.min()), float(fin.max())) if fin.size else (math.nan,) * 2
-                lines.append(f"   {t:<32} {_fmt(float(ser[-1]))} {_fmt(mn)} {_fmt(mx)} "
-                             f"{ntags:>5}")
+        if r.skipped:
+            why = "; ".join(f"{k} ({v})" for k, v in sorted(r.skipped.items()))
+            lines.append(f"   {sum(r.skipped.values())} record(s) skipped: {why}")
+        lines += _stage_lines(r)
+        lines += _diagnostic_lines(r)
         if not r.records:
             lines.append("   no usable events")
+        found = verdicts.check(r.by_topic, max_condition)
+        lines += [f"   warning: {v.message}" for v in found]
+        if r.records and not found:
+            lines.append("   no warnings: every checked quantity is in its healthy range "
+                         "(docs/dashboards.md)")
     return "\n".join(lines)
 
 
@@ -281,33 +391,74 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target-topic", default=None,
                     help="topic the target applies to (default: eval/accuracy, else eval/loss,"
                          " else train/loss)")
+    ap.add_argument("--max-condition", type=float, default=verdicts.DEFAULT_MAX_CONDITION,
+                    help="K-FAC's max_condition, for the conditioning warnings (1e6)")
+
+
+def check_plots_dir(path: str) -> None:
+    """Create ``path`` if needed; ValueError when it is not a writable folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--plots {safe_text(path)!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--plots {safe_text(path)!r} cannot be created: {exc.strerror}") \
+            from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--plots {safe_text(path)!r} is not writable")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the report; write figures with ``--plots``."""
-    try:
-        runs = load_runs(args.runs)
-    except ValueError as exc:
-        raise SystemExit(f"probe report: {exc}") from None
-    topic = args.target_topic or target_topic(runs)
-    if topic is not None and not any(topic in r.by_topic for r in runs):
-        raise SystemExit(f"probe report: --target-topic {topic!r} is in none of the runs")
+    """Print the report; write figures with ``--plots``. Exit status 1 with a one-line
+    message for a bad argument, no usable run, or an explicit --target no run reaches."""
+    def fail(msg: str) -> SystemExit:
+        return SystemExit(f"probe report: {msg}")
+
     target = args.target
     if target is not None and not math.isfinite(target):
-        raise SystemExit(f"probe report: --target must be a finite number, got {target}")
+        raise fail(f"--target must be a finite number, got {target}")
+    mc = args.max_condition
+    if not (math.isfinite(mc) and mc > 1):
+        raise fail(f"--max-condition must be a finite number > 1, got {mc}")
+    try:
+        if args.plots:
+            check_plots_dir(args.plots)
+        runs = load_runs(args.runs)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    for r in runs:
+        if r.n_bad:
+            first = f"line {r.bad[0][0]} ({safe_text(r.bad[0][1], 80)})" if r.bad else \
+                f"records: {safe_text(next(iter(r.skipped)), 80)}"
+            print(f"probe report: {safe_text(r.path)}: {r.n_bad} bad line(s)/record(s) "
+                  f"skipped, first: {first}", file=sys.stderr)
+    empty = [r for r in runs if not r.records]
+    runs = [r for r in runs if r.records]
+    for r in empty:
+        print(f"probe report: {safe_text(r.path)} has no usable events, left out (not a run's "
+              f"events.jsonl?)", file=sys.stderr)
+    if not runs:
+        raise fail("no usable events in " + ", ".join(safe_text(r.path) for r in empty))
+    topic = args.target_topic or target_topic(runs)
+    if topic is not None and not any(topic in r.by_topic for r in runs):
+        raise fail(f"--target-topic {safe_text(topic)!r} is in none of the runs")
     if target is None and topic is not None:
         target = default_target(runs, topic)
-    for r in runs:
-        if r.bad:
-            print(f"probe report: {r.path}: {len(r.bad)} bad line(s) skipped, first at line "
-                  f"{r.bad[0][0]} ({r.bad[0][1]})", file=sys.stderr)
-    print(render(runs, topic, target))
+    print(render(runs, topic, target, mc))
+    status = 0
+    if args.target is not None and topic is not None and not any(
+            math.isfinite(time_to_target(r, topic, target)) for r in runs):
+        print(f"probe report: no run reaches --target {target:g} on {topic}", file=sys.stderr)
+        status = 1
     if args.plots:
         from probe.report_plots import write_plots
 
-        files = write_plots(runs, args.plots, topic, target)
+        try:
+            files = write_plots(runs, args.plots, topic, target)
+        except OSError as exc:
+            raise fail(f"--plots {safe_text(args.plots)!r}: {exc.strerror or exc}") from None
         print()
-        print(f"Figures written to {args.plots}:")
+        print(f"Figures written to {safe_text(args.plots)}:")
         for f in files:
-            print(f"  {f}")
-    return 0
+            print(f"  {safe_text(f)}")
+    return status
