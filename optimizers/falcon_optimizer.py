@@ -9,6 +9,7 @@ value over ``total_steps``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 import hooks
 from optimizers.adamw_step import adamw_update
+from optimizers.diagnostics_guard import DiagnosticGuard
 from optimizers.falcon import (
     STAT_TOPICS,
     _filter,
@@ -135,6 +137,8 @@ class Falcon(torch.optim.Optimizer):
         self.total_steps = total_steps
         self._info: dict[torch.Tensor, _Info] = {}
         self._planned = False
+        self._guard = DiagnosticGuard("Falcon")
+        self.svd_fallbacks = 0  # steps where backend="svd" failed and power iteration ran
         super().__init__(params, defaults)
         self._plan()
         self._planned = True
@@ -232,6 +236,10 @@ class Falcon(torch.optim.Optimizer):
                                   group["poweriter_steps"], mix, None if recompute else mask,
                                   group["fast_mask"], want_stats, bus, info.tags)
                     st["mask"] = res.mask
+                    if res.svd_failed:
+                        self._svd_failed(bus, info.name)
+                    if res.stats_error is not None:
+                        self._guard.failed(bus, "falcon/filter_stats", res.stats_error)
                     if want_stats:
                         for key, topic in STAT_TOPICS.items():
                             bus.emit(topic, res.stats[key], **info.tags)
@@ -259,6 +267,16 @@ class Falcon(torch.optim.Optimizer):
             if bus.wants("falcon/skip_mix"):
                 bus.emit("falcon/skip_mix", schedule[1])
         return loss
+
+    def _svd_failed(self, bus: hooks.Bus, name: str) -> None:
+        """Count an svd failure (power iteration stood in), report it once, emit the total."""
+        self.svd_fallbacks += 1
+        if self.svd_fallbacks == 1:
+            print(f"optprobe: Falcon's svd failed on {name} (a non-finite gradient?); power "
+                  f"iteration stood in, further fallbacks are counted in falcon/svd_fallbacks",
+                  file=sys.stderr)
+        if bus.wants("falcon/svd_fallbacks"):
+            bus.emit("falcon/svd_fallbacks", float(self.svd_fallbacks))
 
 
 __all__ = ["Falcon", "scheduled"]

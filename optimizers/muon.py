@@ -17,6 +17,7 @@ import torch
 
 import hooks
 from optimizers import muon_routing as routing
+from optimizers.diagnostics_guard import DiagnosticGuard
 from optimizers.muon_fallback import adamw_step
 from optimizers.newton_schulz import (
     DEFAULT_COEFFICIENTS,
@@ -43,14 +44,18 @@ def adjusted_lr(lr: float, adjust_lr: str | None, rows: int, cols: int) -> float
 
 def _real(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
           hi_open: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if ok:
-        v = float(value)
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    """``value`` as a float when it is a finite real in the given interval, else a
+    ValueError naming ``name``; inf is never accepted."""
+    lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+    allowed = f"a finite float in {lb}{lo:g}, {hi:g}{rb}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) \
+        and (v < hi if hi_open else v <= hi)
     if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be a float in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
-    return float(value)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
 
 
 def _check_group(g: dict) -> None:
@@ -147,6 +152,7 @@ class Muon(torch.optim.Optimizer):
         self._names: dict[int, str] = {}
         self._user_groups = 0
         self._routing_emitted = False
+        self._guard = DiagnosticGuard("Muon")
         super().__init__(params, defaults)
 
     # -- groups and routing --------------------------------------------------------------
@@ -218,6 +224,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            return loss  # nothing to step (a skipped step): no state, no telemetry changes
         bus = self.bus
         if not self._routing_emitted and bus.wants("muon/routing"):
             bus.emit("muon/routing", self.routing_table())
@@ -231,7 +239,8 @@ class Muon(torch.optim.Optimizer):
                         for key, items in buckets.items()]
             if bus.sampled:  # outside the span: time/muon/newton_schulz is NS alone
                 for items, X, iters, gram in done:
-                    self._bucket_telemetry(bus, items, X, iters, gram)
+                    self._guard.run(bus, "muon/ns_telemetry", self._bucket_telemetry, bus,
+                                    items, X, iters, gram)
         fallback = [g for g in self.param_groups if g["route"] == routing.FALLBACK
                     and any(p.grad is not None for p in g["params"])]
         if fallback:
@@ -368,5 +377,9 @@ class Muon(torch.optim.Optimizer):
                          beta1=beta1, beta2=beta2, eps=group["eps_fallback"],
                          weight_decay=group["weight_decay"], want_rms=want_rms)
         if want_rms:
-            for p, r in zip(params, rms):
-                bus.emit("muon/update_rms", r, param=self._names[id(p)])
+            self._guard.run(bus, "muon/update_rms", self._emit_fallback_rms, bus, params, rms)
+
+    def _emit_fallback_rms(self, bus: hooks.Bus, params: list[torch.Tensor],
+                           rms: list[torch.Tensor]) -> None:
+        for p, r in zip(params, rms):
+            bus.emit("muon/update_rms", r, param=self._names[id(p)])
