@@ -6,6 +6,7 @@ observes, it never steers. Issue 18's crash (a NaN gradient made the singular-va
 telemetry's eigensolver raise out of ``Muon.step``) is the first test.
 """
 
+import copy
 import math
 
 import pytest
@@ -52,10 +53,14 @@ def _run(make, shapes, grads, dtype=torch.float32, probed=True):
     return params, state, rec
 
 
+def _bits(t):
+    return t.detach().reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+
 def _assert_same(a, b):
+    """Bit for bit (NaN payloads and signed zeros included)."""
     for x, y in zip(a, b):
-        assert torch.equal(x.view(torch.uint8) if x.numel() else x,
-                           y.view(torch.uint8) if y.numel() else y)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(_bits(x), _bits(y))
 
 
 def _assert_same_state(sa, sb):
@@ -242,3 +247,94 @@ def test_block_schedule_rejects_bad_eps(eps):
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         optimizers.BlockSchedule(torch.optim.SGD(model.parameters(), lr=0.1), [model],
                                  eps=eps)
+
+
+# -- a step with no gradient changes nothing (what makes on_nonfinite="skip" a no-op) ---------
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.Flatten(),
+                         nn.Linear(6 * 2 * 2, 4))
+
+
+SKIPPERS = {
+    # probe_every=2 and no freeze delay: the gate, the selection and the probe steps all
+    # move within the 8 steps, so a skipped step that advanced any of them would show
+    "BlockSchedule": lambda m, bus: optimizers.BlockSchedule(
+        torch.optim.AdamW(m.parameters(), lr=1e-2), [m[0], m[2], m[4]], threshold=0.5,
+        probe_every=2, total_steps=8, bus=bus),
+    "Muon": lambda m, bus: optimizers.Muon(m.named_parameters(), lr=0.02, bus=bus),
+    "Falcon": lambda m, bus: optimizers.Falcon(m.named_parameters(), lr=1e-2, mask_interval=3,
+                                               total_steps=8, bus=bus),
+}
+
+
+def _skip_run(name, skip_at, use_skip):
+    model = _conv_net()
+    bus = hooks.Bus()
+    opt = SKIPPERS[name](model, bus)
+    with probe.attach(opt, model=model, every=1, collectors=[Recorder()], bus=bus,
+                      on_nonfinite="skip") as p:
+        for s in range(8):
+            g = torch.Generator().manual_seed(s)
+            x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randn(4, 4, generator=g)
+            (model(x) - y).square().mean().backward()
+            if s in skip_at:
+                if use_skip:
+                    model[4].weight.grad.view(-1)[0] = math.nan  # never frozen
+                    opt.step()  # the probe hides every gradient: the step must do nothing
+                else:
+                    opt.zero_grad()
+                    continue
+            else:
+                opt.step()
+            opt.zero_grad()
+        skipped = p.skipped_steps
+    return model, opt, skipped
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPERS))
+def test_skipped_step_equals_leaving_the_step_out(name):
+    skip_at = {2, 3, 5}
+    ref, ref_opt, _ = _skip_run(name, skip_at, use_skip=False)
+    got, opt, skipped = _skip_run(name, skip_at, use_skip=True)
+    assert skipped == len(skip_at)
+    for (n, a), (_, b) in zip(ref.named_parameters(), got.named_parameters()):
+        assert torch.equal(a, b), n
+    sa, sb = ref_opt.state_dict(), opt.state_dict()
+    sa.pop("optprobe", None)
+    sb.pop("optprobe", None)
+    _assert_same_state(sa["state"], sb["state"])
+    if name == "BlockSchedule":
+        ra, rb = sa["block_schedule"], sb["block_schedule"]
+        assert ra.keys() == rb.keys()
+        _assert_same_schedule(ra, rb)
+        assert ra["t"] == 8 - len(skip_at) and ra["selections"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPERS))
+def test_a_step_without_gradients_changes_nothing(name):
+    model = _conv_net()
+    opt = SKIPPERS[name](model, hooks.Bus())
+    model(torch.randn(2, 3, 6, 6)).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    before = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in model.parameters()]
+    flags = [p.requires_grad for p in model.parameters()]
+    opt.step()
+    after = opt.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(values, model.parameters()))
+    assert flags == [p.requires_grad for p in model.parameters()]
+    _assert_same_state(before["state"], after["state"])
+    if name == "BlockSchedule":
+        _assert_same_schedule(before["block_schedule"], after["block_schedule"])
+
+
+def _assert_same_schedule(ra, rb):
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        if isinstance(ra[k], torch.Tensor):
+            _assert_same([ra[k]], [rb[k]])
+        else:
+            assert ra[k] == rb[k], k
