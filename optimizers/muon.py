@@ -30,6 +30,10 @@ from optimizers.newton_schulz import (
 )
 
 ADJUST_LR = (None, "original", "match_rms_adamw")
+# normalize_weights: False, or when W <- W sqrt(rows)/||W|| runs: "before" the update (True,
+# airbench94_muon's order: the next gradient is taken at the updated, unnormalized weight)
+# or "after" it
+NORMALIZE = (False, True, "before", "after")
 _NEEDS_GRAM = ("muon/ns_residual", "muon/sv_min", "muon/sv_max")
 DEFAULT_LR_FALLBACK = 3e-4  # the AdamW lr of Keller Jordan's MuonWithAuxAdam
 
@@ -81,9 +85,10 @@ def _check_group(g: dict) -> None:
     if g["adjust_lr"] not in ADJUST_LR:
         raise ValueError(f"adjust_lr must be None, 'original' or 'match_rms_adamw', "
                          f"got {g['adjust_lr']!r}")
-    if not isinstance(g["normalize_weights"], bool):
-        raise ValueError(f"normalize_weights must be True or False, "
-                         f"got {g['normalize_weights']!r}")
+    nw = g["normalize_weights"]
+    if not (nw is True or nw is False or (isinstance(nw, str) and nw in NORMALIZE)):
+        raise ValueError(f"normalize_weights must be False, True (= 'before', AirBench's "
+                         f"order) or 'after', got {g['normalize_weights']!r}")
     if g["lr_fallback"] is not None:
         _real("lr_fallback", g["lr_fallback"], 0.0)
     if g["wd_fallback"] is not None:
@@ -97,6 +102,13 @@ def _check_group(g: dict) -> None:
     if g["use_muon"] not in (None, True, False):
         raise ValueError(f"use_muon must be None, True or False, got {g['use_muon']!r}")
     routing.check_routing_args(g["min_dim"], g["max_aspect"])
+
+
+def _normalize_mode(value: bool | str) -> str | None:
+    """None, "before" or "after" for a ``normalize_weights`` setting."""
+    if value is False:
+        return None
+    return "before" if value is True else value
 
 
 class _Item:
@@ -114,16 +126,17 @@ class Muon(torch.optim.Optimizer):
 
     Options beyond ``torch.optim.Muon``: ``ns_dtype`` ("auto": bf16 on CUDA, fp32 on CPU),
     ``ns_tol`` (early stop), ``normalize_weights`` (AirBench: rescale each weight to norm
-    sqrt(rows) after the update), routing (``min_dim``, ``max_aspect``, group key
-    ``use_muon``), the fallback's ``lr_fallback``/``wd_fallback``/``betas_fallback``/
-    ``eps_fallback`` and ``batch_shapes`` (orthogonalize same-shaped parameters together).
+    sqrt(rows) before its update; ``"after"``: after it), routing (``min_dim``,
+    ``max_aspect``, group key ``use_muon``), the fallback's ``lr_fallback``/``wd_fallback``/
+    ``betas_fallback``/``eps_fallback`` and ``batch_shapes`` (orthogonalize same-shaped
+    parameters together).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = DEFAULT_COEFFICIENTS,
                  ns_dtype: str | torch.dtype = "auto", ns_tol: float | None = None,
-                 adjust_lr: str | None = None, normalize_weights: bool = False,
+                 adjust_lr: str | None = None, normalize_weights: bool | str = False,
                  fallback: str | None = "adamw", lr_fallback: float | None = None,
                  wd_fallback: float | None = None,
                  betas_fallback: tuple[float, float] = (0.9, 0.95),
@@ -286,7 +299,7 @@ class Muon(torch.optim.Optimizer):
                 buckets.setdefault(key, []).append(_Item(
                     p, u.reshape(rows, cols), self._names[id(p)], lr,
                     adjusted_lr(lr, group["adjust_lr"], rows, cols), group["weight_decay"],
-                    group["normalize_weights"]))
+                    _normalize_mode(group["normalize_weights"])))
         return buckets
 
     def _orthogonalize_bucket(self, key: tuple, items: list[_Item], gram: bool
@@ -308,10 +321,12 @@ class Muon(torch.optim.Optimizer):
         # the NS output stays in the working dtype: add_ promotes it exactly, as torch does
         for it, o in zip(items, outs):
             p = it.p
+            if it.normalize == "before":
+                p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(EPS))
             if it.wd != 0.0:
                 p.mul_(1.0 - it.lr * it.wd)
             p.add_(o.reshape(p.shape), alpha=-it.lr_adj)
-            if it.normalize:
+            if it.normalize == "after":
                 p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(EPS))
         return X, iters, G
 

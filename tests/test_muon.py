@@ -198,11 +198,11 @@ def test_names_when_unnamed():
     assert [r.name for r in opt.routes] == ["group0.0", "group0.1", "group1.0"]
 
 
-def test_normalize_weights_rescales_to_sqrt_rows_after_the_update():
+def test_normalize_weights_after_rescales_to_sqrt_rows_after_the_update():
     ours = leaves([(8, 3, 3, 3), (16, 24), (16,)], seed=4)
     ref = clone_leaves(ours[:2])
     bias_before = ours[2].detach().clone()
-    opt = Muon(ours, lr=0.05, normalize_weights=True, ns_dtype="float32")
+    opt = Muon(ours, lr=0.05, normalize_weights="after", ns_dtype="float32")
     ropt = torch.optim.Muon([p.detach().reshape(p.shape[0], -1).clone().requires_grad_()
                              for p in ref], lr=0.05, weight_decay=0.0)
     for step in range(5):
@@ -444,7 +444,8 @@ def test_cuda_auto_bf16_matches_torch_muon():
     ({"ns_dtype": "int8"}, "ns_dtype must be 'auto' or one of"),
     ({"ns_tol": 0.0}, "ns_tol must be None or a float in \\(0, inf\\)"),
     ({"adjust_lr": "rms"}, "adjust_lr must be None, 'original' or 'match_rms_adamw'"),
-    ({"normalize_weights": "yes"}, "normalize_weights must be True or False"),
+    ({"normalize_weights": "yes"}, "normalize_weights must be False, True"),
+    ({"normalize_weights": 1}, "normalize_weights must be False, True"),
     ({"fallback": "sgd"}, "fallback must be 'adamw' or None"),
     ({"lr_fallback": -1e-3}, "lr_fallback must be a finite float in \\[0, inf\\)"),
     ({"wd_fallback": -1.0}, "wd_fallback"),
