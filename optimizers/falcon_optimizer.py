@@ -81,9 +81,10 @@ def _check_group(group: dict) -> None:
 class _Info:
     """What the step needs to know about one parameter, worked out once."""
 
-    __slots__ = ("name", "tags", "filtered", "decay", "mask_shape")
+    __slots__ = ("name", "tags", "filtered", "decay", "mask_shape", "rebuilds")
 
     def __init__(self, name: str, filtered: bool, decay: bool, shape: torch.Size) -> None:
+        self.rebuilds = 0  # mask rebuilds since falcon/mask_recomputed was last emitted
         self.name = name
         self.tags = {"param": name}
         self.filtered = filtered
@@ -157,6 +158,7 @@ class Falcon(torch.optim.Optimizer):
 
     def _plan(self) -> None:
         """Name every parameter and decide which are filtered and which are decayed."""
+        old = self._info
         info: dict[torch.Tensor, _Info] = {}
         filterable: list[tuple[torch.Tensor, str]] = []
         for gi, group in enumerate(self.param_groups):
@@ -170,6 +172,8 @@ class Falcon(torch.optim.Optimizer):
                     filterable.append((p, name))
                 # biases and norm weights are the 0-d and 1-d parameters: no decay for them
                 info[p] = _Info(name, False, p.ndim >= 2, p.shape)
+                if p in old:  # a re-plan keeps the rebuilds not yet reported
+                    info[p].rebuilds = old[p].rebuilds
         for p in self._chosen(filterable):
             info[p].filtered = True
         self._info = info
@@ -243,8 +247,12 @@ class Falcon(torch.optim.Optimizer):
                     if want_stats:
                         for key, topic in STAT_TOPICS.items():
                             bus.emit(topic, res.stats[key], **info.tags)
+                    # counted on every step, so a sampled value covers the steps between
+                    # two samples: with every=10 and mask_interval=5 it reads 2, not 1 or 0
+                    info.rebuilds += recompute
                     if want_recomputed:
-                        bus.emit("falcon/mask_recomputed", float(recompute), **info.tags)
+                        bus.emit("falcon/mask_recomputed", float(info.rebuilds), **info.tags)
+                        info.rebuilds = 0
                     grad = res.grad
                 st["step"] += 1
                 params.append(p)
