@@ -23,6 +23,7 @@ import torch
 
 from hooks import topics as _topics
 from hooks.event import Event
+from hooks.interrupts import deferred_sigint
 from hooks.timing import NULL_SPAN, CpuSpan, CudaTimer, Span, _profiler_enabled
 
 _NONE, _SAMPLED, _ALWAYS, _ALARM = 0, 1, 2, 3
@@ -252,11 +253,13 @@ class Bus:
                 or self.dropped_events != self._reported_dropped
                 or self.collector_errors != self._reported_errors
                 or self.diagnostic_errors != self._reported_diag):
-            self._deliver(self._resolve(sampled, wait=False))
+            with deferred_sigint():  # a Ctrl-C mid-delivery would lose the step's values
+                self._deliver(self._resolve(sampled, wait=False))
 
     def flush(self) -> None:
         """Resolve and deliver everything pending, waiting for in-flight CUDA work."""
-        self._deliver(self._resolve(True, wait=True))
+        with deferred_sigint():
+            self._deliver(self._resolve(True, wait=True))
 
     def close(self) -> None:
         """Flush, then close and unsubscribe every collector."""

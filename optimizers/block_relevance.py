@@ -26,18 +26,24 @@ def block_index(sizes: Sequence[int], device: torch.device | str | None = None) 
 def tensor_norms(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
     """L2 norm (float32) of each tensor, gathered on ``device``; a None counts as 0.
 
-    One fused ``_foreach_norm`` per device; nothing is read back to the host.
+    One fused ``_foreach_norm`` per device (two when float64 tensors are among them: those
+    accumulate in float64); nothing is read back to the host.
     """
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
+    by_device: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):
         if t is not None:
-            by_device.setdefault(t.device, []).append(i)
-    for dev, idx in by_device.items():
+            # a float32 accumulator would narrow float64 (torch refuses): take those apart
+            wide = t.dtype in (torch.float64, torch.complex128)
+            by_device.setdefault((t.device, wide), []).append(i)
+    for (dev, wide), idx in by_device.items():
         group = [tensors[i] for i in idx]
         if any(t.is_sparse for t in group):
             norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t,
-                                              dtype=torch.float32) for t in group]
+                                              dtype=None if wide else torch.float32).float()
+                     for t in group]
+        elif wide:
+            norms = [v.float() for v in torch._foreach_norm(group, 2)]
         else:
             # float32 accumulation lifts fp16/bf16; torch refuses to narrow float64 that way,
             # so float64 tensors keep their dtype and are cast after

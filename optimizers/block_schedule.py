@@ -31,6 +31,7 @@ from optimizers.block_relevance import (
     loss_stability,
     select_suffix,
 )
+from optimizers.diagnostics_guard import DiagnosticGuard
 
 WARMUP, WAITING, OPEN, RECOVERY = "warmup", "waiting", "open", "recovery"
 _STATE_KEY = "block_schedule"
@@ -160,6 +161,7 @@ class BlockSchedule(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
 
         self.bus = bus
+        self._guard = DiagnosticGuard("BlockSchedule")
         self.block_names: tuple[str, ...] = tuple(names)
         self._blocks: list[list[torch.Tensor]] = params
         self._flat: list[torch.Tensor] = [p for ps in params for p in ps]
@@ -340,9 +342,9 @@ class BlockSchedule(torch.optim.Optimizer):
         elif loss is None and self.stable_window is not None and not self._gate_open:
             raise ValueError("step(loss=...) needs the loss while stable_window gates the "
                              "schedule (a number, a 0-d tensor or a closure)")
-        if closure is None and not any(p.grad is not None for g in self.optimizer.param_groups
+        if closure is None and not any(p.grad is not None for g in self.param_groups
                                        for p in g["params"]):
-            # no gradient at all (a step the probe skips): nothing moves, not even the plan
+            # no gradient anywhere (a skipped step): no counter, EMA, loss or gate moves
             return None
         t = self._t
         k = self._active
@@ -360,13 +362,21 @@ class BlockSchedule(torch.optim.Optimizer):
             self._record_loss(loss)
             # a step whose gradients were all hidden (a skipped step) measures nothing
             if k == n and any(p.grad is not None for p in self._flat):
-                s = block_relevance([p.grad for p in self._flat], self._flat, self._index, n,
-                                    self.eps)
-                self._ema = ema_update(self._ema, s, self.beta)
-            self._emit(k)
+                self._measure(n)
+            self._guard.run(self.bus, "blocks/telemetry", self._emit, k)
             self._plan(t + 1, measured=k == n)
             self._t = t + 1
         return out
+
+    def _measure(self, n: int) -> None:
+        """Fold this full step's relevance into the EMA; a failed read leaves the EMA as is."""
+        try:
+            s = block_relevance([p.grad for p in self._flat], self._flat, self._index, n,
+                                self.eps)
+        except Exception as exc:  # the relevance read must not cost the step already taken
+            self._guard.failed(self.bus, "blocks/relevance", exc)
+            return
+        self._ema = ema_update(self._ema, s, self.beta)
 
     def _record_loss(self, loss: Any) -> None:
         if loss is None:

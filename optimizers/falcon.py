@@ -29,11 +29,15 @@ STAT_TOPICS = {  # filter statistic -> catalogue topic
 
 class FilterResult(NamedTuple):
     """The filtered gradient (shape and dtype of the input), the kept-bin mask (bool,
-    ``[kh, kw // 2 + 1]``) and, when asked for, 0-d tensors named as in ``STAT_TOPICS``."""
+    ``[kh, kw // 2 + 1]``) and, when asked for, 0-d tensors named as in ``STAT_TOPICS``.
+    ``svd_failed``: the svd backend raised and power iteration stood in; ``stats_error``:
+    the statistics raised (they are NaN then; the gradient is unaffected)."""
 
     grad: torch.Tensor
     mask: torch.Tensor
     stats: dict[str, torch.Tensor] | None
+    svd_failed: bool = False
+    stats_error: Exception | None = None
 
 
 def _is_int(x: object) -> bool:
@@ -158,16 +162,22 @@ def energy_mask(energy: torch.Tensor, retain: float, fast: bool = False) -> torc
 
 
 def lowrank_bins(bins: torch.Tensor, rank_k: int, backend: str = "poweriter",
-                 poweriter_steps: int = 1) -> torch.Tensor:
-    """Each bin's O x I matrix of ``bins`` [O, I, bins] replaced by its rank-k approximation."""
+                 poweriter_steps: int = 1) -> tuple[torch.Tensor, bool]:
+    """Each bin's O x I matrix of ``bins`` [O, I, bins] replaced by its rank-k approximation,
+    and whether the svd backend failed (LAPACK does not converge on a NaN/Inf spectrum) so
+    that ``poweriter_steps`` rounds of power iteration stood in."""
     if rank_k >= min(bins.shape[:2]):
-        return bins
+        return bins, False
     if backend == "poweriter" and rank_k == 1:
-        return rank1_poweriter(bins, poweriter_steps)  # no transpose copies, no QR
+        return rank1_poweriter(bins, poweriter_steps), False  # no transpose copies, no QR
     stacked = bins.permute(2, 0, 1)  # the batched helpers want the matrices last
     if backend == "svd":
-        return lowrank_svd(stacked, rank_k).permute(1, 2, 0)
-    return lowrank_poweriter(stacked, rank_k, poweriter_steps).permute(1, 2, 0)
+        try:
+            return lowrank_svd(stacked, rank_k).permute(1, 2, 0), False
+        except RuntimeError:  # torch.linalg.LinAlgError
+            pass
+    return lowrank_poweriter(stacked, rank_k, poweriter_steps).permute(1, 2, 0), \
+        backend == "svd"
 
 
 def _filter(g: torch.Tensor, retain: float, rank_k: int, backend: str, poweriter_steps: int,
@@ -191,30 +201,43 @@ def _filter(g: torch.Tensor, retain: float, rank_k: int, backend: str, poweriter
             if mask is None:
                 mask = energy_mask(energy, retain, fast_mask)
     with span("falcon/lowrank"):
-        low = lowrank_bins(f, rank_k, backend, poweriter_steps)
+        low, svd_failed = lowrank_bins(f, rank_k, backend, poweriter_steps)
     with span("falcon/ifft"):
         out = inverse(low, mask, kernel).to(g.dtype)
         if skip_mix > 0.0:
             out = torch.lerp(out, g, skip_mix)
-    result_stats = None
+    result_stats, error = None, None
     if stats:
-        keep = mask.reshape(-1)
-        total = energy.sum()
-        kept_energy = (energy.reshape(-1) * keep).sum()
-        tiny = torch.finfo(total.dtype).tiny
-        if low is f:
-            residual = torch.zeros((), dtype=total.dtype, device=total.device)
-        else:
-            lost = (bin_energy(f - low) * keep).sum()
-            residual = lost / kept_energy.clamp_min(tiny)
-        result_stats = {
-            "retained_energy": torch.where(total > 0, kept_energy / total.clamp_min(tiny), 1.0),
-            "mask_sparsity": 1.0 - keep.float().mean(),
-            "lowrank_residual": residual,
-            "cos_raw_filtered": torch.nn.functional.cosine_similarity(
-                g.reshape(1, -1).float(), out.reshape(1, -1).float(), eps=1e-30)[0],
-        }
-    return FilterResult(out, mask, result_stats)
+        try:
+            result_stats = _stats(g, f, low, out, energy, mask)
+        except Exception as exc:  # telemetry never costs the gradient
+            error = exc
+            nan = torch.full((), math.nan, device=g.device)
+            result_stats = dict.fromkeys(STAT_TOPICS, nan)
+    return FilterResult(out, mask, result_stats, svd_failed, error)
+
+
+def _stats(g: torch.Tensor, f: torch.Tensor, low: torch.Tensor, out: torch.Tensor,
+           energy: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The filter's statistics as 0-d tensors (NaN where the gradient was not finite)."""
+    keep = mask.reshape(-1)
+    total = energy.sum()
+    kept_energy = (energy.reshape(-1) * keep).sum()
+    tiny = torch.finfo(total.dtype).tiny
+    if low is f:
+        residual = torch.zeros((), dtype=total.dtype, device=total.device)
+    else:
+        lost = (bin_energy(f - low) * keep).sum()
+        residual = lost / kept_energy.clamp_min(tiny)
+    retained = torch.where(total > 0, kept_energy / total.clamp_min(tiny), 1.0)
+    return {
+        # NaN > 0 is False: a NaN spectrum would read "all energy kept" without the isnan
+        "retained_energy": torch.where(torch.isnan(total), total, retained),
+        "mask_sparsity": 1.0 - keep.float().mean(),
+        "lowrank_residual": residual,
+        "cos_raw_filtered": torch.nn.functional.cosine_similarity(
+            g.reshape(1, -1).float(), out.reshape(1, -1).float(), eps=1e-30)[0],
+    }
 
 
 def filter_grad(g: torch.Tensor, retain_energy: float = 0.9, *, rank_k: int = 1,

@@ -9,6 +9,7 @@ value over ``total_steps``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 import hooks
 from optimizers.adamw_step import adamw_update
+from optimizers.diagnostics_guard import DiagnosticGuard
 from optimizers.falcon import (
     STAT_TOPICS,
     _filter,
@@ -79,9 +81,10 @@ def _check_group(group: dict) -> None:
 class _Info:
     """What the step needs to know about one parameter, worked out once."""
 
-    __slots__ = ("name", "tags", "filtered", "decay", "mask_shape")
+    __slots__ = ("name", "tags", "filtered", "decay", "mask_shape", "rebuilds")
 
     def __init__(self, name: str, filtered: bool, decay: bool, shape: torch.Size) -> None:
+        self.rebuilds = 0  # mask rebuilds since falcon/mask_recomputed was last emitted
         self.name = name
         self.tags = {"param": name}
         self.filtered = filtered
@@ -135,6 +138,8 @@ class Falcon(torch.optim.Optimizer):
         self.total_steps = total_steps
         self._info: dict[torch.Tensor, _Info] = {}
         self._planned = False
+        self._guard = DiagnosticGuard("Falcon")
+        self.svd_fallbacks = 0  # steps where backend="svd" failed and power iteration ran
         super().__init__(params, defaults)
         self._plan()
         self._planned = True
@@ -153,6 +158,7 @@ class Falcon(torch.optim.Optimizer):
 
     def _plan(self) -> None:
         """Name every parameter and decide which are filtered and which are decayed."""
+        old = self._info
         info: dict[torch.Tensor, _Info] = {}
         filterable: list[tuple[torch.Tensor, str]] = []
         for gi, group in enumerate(self.param_groups):
@@ -166,6 +172,8 @@ class Falcon(torch.optim.Optimizer):
                     filterable.append((p, name))
                 # biases and norm weights are the 0-d and 1-d parameters: no decay for them
                 info[p] = _Info(name, False, p.ndim >= 2, p.shape)
+                if p in old:  # a re-plan keeps the rebuilds not yet reported
+                    info[p].rebuilds = old[p].rebuilds
         for p in self._chosen(filterable):
             info[p].filtered = True
         self._info = info
@@ -232,11 +240,19 @@ class Falcon(torch.optim.Optimizer):
                                   group["poweriter_steps"], mix, None if recompute else mask,
                                   group["fast_mask"], want_stats, bus, info.tags)
                     st["mask"] = res.mask
+                    if res.svd_failed:
+                        self._svd_failed(bus, info.name)
+                    if res.stats_error is not None:
+                        self._guard.failed(bus, "falcon/filter_stats", res.stats_error)
                     if want_stats:
                         for key, topic in STAT_TOPICS.items():
                             bus.emit(topic, res.stats[key], **info.tags)
+                    # counted on every step, so a sampled value covers the steps between
+                    # two samples: with every=10 and mask_interval=5 it reads 2, not 1 or 0
+                    info.rebuilds += recompute
                     if want_recomputed:
-                        bus.emit("falcon/mask_recomputed", float(recompute), **info.tags)
+                        bus.emit("falcon/mask_recomputed", float(info.rebuilds), **info.tags)
+                        info.rebuilds = 0
                     grad = res.grad
                 st["step"] += 1
                 params.append(p)
@@ -259,6 +275,16 @@ class Falcon(torch.optim.Optimizer):
             if bus.wants("falcon/skip_mix"):
                 bus.emit("falcon/skip_mix", schedule[1])
         return loss
+
+    def _svd_failed(self, bus: hooks.Bus, name: str) -> None:
+        """Count an svd failure (power iteration stood in), report it once, emit the total."""
+        self.svd_fallbacks += 1
+        if self.svd_fallbacks == 1:
+            print(f"optprobe: Falcon's svd failed on {name} (a non-finite gradient?); power "
+                  f"iteration stood in, further fallbacks are counted in falcon/svd_fallbacks",
+                  file=sys.stderr)
+        if bus.wants("falcon/svd_fallbacks"):
+            bus.emit("falcon/svd_fallbacks", float(self.svd_fallbacks))
 
 
 __all__ = ["Falcon", "scheduled"]

@@ -17,6 +17,7 @@ import torch
 
 import hooks
 from optimizers import muon_routing as routing
+from optimizers.diagnostics_guard import DiagnosticGuard
 from optimizers.muon_fallback import adamw_step
 from optimizers.newton_schulz import (
     DEFAULT_COEFFICIENTS,
@@ -29,6 +30,10 @@ from optimizers.newton_schulz import (
 )
 
 ADJUST_LR = (None, "original", "match_rms_adamw")
+# normalize_weights: False, or when W <- W sqrt(rows)/||W|| runs: "before" the update (True,
+# airbench94_muon's order: the next gradient is taken at the updated, unnormalized weight)
+# or "after" it
+NORMALIZE = (False, True, "before", "after")
 _NEEDS_GRAM = ("muon/ns_residual", "muon/sv_min", "muon/sv_max")
 DEFAULT_LR_FALLBACK = 3e-4  # the AdamW lr of Keller Jordan's MuonWithAuxAdam
 
@@ -43,14 +48,18 @@ def adjusted_lr(lr: float, adjust_lr: str | None, rows: int, cols: int) -> float
 
 def _real(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
           hi_open: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if ok:
-        v = float(value)
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    """``value`` as a float when it is a finite real in the given interval, else a
+    ValueError naming ``name``; inf is never accepted."""
+    lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+    allowed = f"a finite float in {lb}{lo:g}, {hi:g}{rb}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) \
+        and (v < hi if hi_open else v <= hi)
     if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be a float in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
-    return float(value)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
 
 
 def _check_group(g: dict) -> None:
@@ -76,9 +85,10 @@ def _check_group(g: dict) -> None:
     if g["adjust_lr"] not in ADJUST_LR:
         raise ValueError(f"adjust_lr must be None, 'original' or 'match_rms_adamw', "
                          f"got {g['adjust_lr']!r}")
-    if not isinstance(g["normalize_weights"], bool):
-        raise ValueError(f"normalize_weights must be True or False, "
-                         f"got {g['normalize_weights']!r}")
+    nw = g["normalize_weights"]
+    if not (nw is True or nw is False or (isinstance(nw, str) and nw in NORMALIZE)):
+        raise ValueError(f"normalize_weights must be False, True (= 'before', AirBench's "
+                         f"order) or 'after', got {g['normalize_weights']!r}")
     if g["lr_fallback"] is not None:
         _real("lr_fallback", g["lr_fallback"], 0.0)
     if g["wd_fallback"] is not None:
@@ -92,6 +102,13 @@ def _check_group(g: dict) -> None:
     if g["use_muon"] not in (None, True, False):
         raise ValueError(f"use_muon must be None, True or False, got {g['use_muon']!r}")
     routing.check_routing_args(g["min_dim"], g["max_aspect"])
+
+
+def _normalize_mode(value: bool | str) -> str | None:
+    """None, "before" or "after" for a ``normalize_weights`` setting."""
+    if value is False:
+        return None
+    return "before" if value is True else value
 
 
 class _Item:
@@ -109,16 +126,17 @@ class Muon(torch.optim.Optimizer):
 
     Options beyond ``torch.optim.Muon``: ``ns_dtype`` ("auto": bf16 on CUDA, fp32 on CPU),
     ``ns_tol`` (early stop), ``normalize_weights`` (AirBench: rescale each weight to norm
-    sqrt(rows) after the update), routing (``min_dim``, ``max_aspect``, group key
-    ``use_muon``), the fallback's ``lr_fallback``/``wd_fallback``/``betas_fallback``/
-    ``eps_fallback`` and ``batch_shapes`` (orthogonalize same-shaped parameters together).
+    sqrt(rows) before its update; ``"after"``: after it), routing (``min_dim``,
+    ``max_aspect``, group key ``use_muon``), the fallback's ``lr_fallback``/``wd_fallback``/
+    ``betas_fallback``/``eps_fallback`` and ``batch_shapes`` (orthogonalize same-shaped
+    parameters together).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
                  ns_coefficients: tuple[float, float, float] = DEFAULT_COEFFICIENTS,
                  ns_dtype: str | torch.dtype = "auto", ns_tol: float | None = None,
-                 adjust_lr: str | None = None, normalize_weights: bool = False,
+                 adjust_lr: str | None = None, normalize_weights: bool | str = False,
                  fallback: str | None = "adamw", lr_fallback: float | None = None,
                  wd_fallback: float | None = None,
                  betas_fallback: tuple[float, float] = (0.9, 0.95),
@@ -147,6 +165,7 @@ class Muon(torch.optim.Optimizer):
         self._names: dict[int, str] = {}
         self._user_groups = 0
         self._routing_emitted = False
+        self._guard = DiagnosticGuard("Muon")
         super().__init__(params, defaults)
 
     # -- groups and routing --------------------------------------------------------------
@@ -218,6 +237,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            return loss  # nothing to step (a skipped step): no state, no telemetry changes
         bus = self.bus
         if not self._routing_emitted and bus.wants("muon/routing"):
             bus.emit("muon/routing", self.routing_table())
@@ -231,10 +252,8 @@ class Muon(torch.optim.Optimizer):
                         for key, items in buckets.items()]
             if bus.sampled:  # outside the span: time/muon/newton_schulz is NS alone
                 for items, X, iters, gram in done:
-                    try:  # telemetry never breaks a step: the update is already applied
-                        self._bucket_telemetry(bus, items, X, iters, gram)
-                    except Exception as exc:
-                        bus.diagnostic_failed("muon/ns_diagnostics", exc)
+                    self._guard.run(bus, "muon/ns_telemetry", self._bucket_telemetry, bus,
+                                    items, X, iters, gram)
         fallback = [g for g in self.param_groups if g["route"] == routing.FALLBACK
                     and any(p.grad is not None for p in g["params"])]
         if fallback:
@@ -280,7 +299,7 @@ class Muon(torch.optim.Optimizer):
                 buckets.setdefault(key, []).append(_Item(
                     p, u.reshape(rows, cols), self._names[id(p)], lr,
                     adjusted_lr(lr, group["adjust_lr"], rows, cols), group["weight_decay"],
-                    group["normalize_weights"]))
+                    _normalize_mode(group["normalize_weights"])))
         return buckets
 
     def _orthogonalize_bucket(self, key: tuple, items: list[_Item], gram: bool
@@ -302,10 +321,12 @@ class Muon(torch.optim.Optimizer):
         # the NS output stays in the working dtype: add_ promotes it exactly, as torch does
         for it, o in zip(items, outs):
             p = it.p
+            if it.normalize == "before":
+                p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(EPS))
             if it.wd != 0.0:
                 p.mul_(1.0 - it.lr * it.wd)
             p.add_(o.reshape(p.shape), alpha=-it.lr_adj)
-            if it.normalize:
+            if it.normalize == "after":
                 p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(EPS))
         return X, iters, G
 
@@ -371,5 +392,9 @@ class Muon(torch.optim.Optimizer):
                          beta1=beta1, beta2=beta2, eps=group["eps_fallback"],
                          weight_decay=group["weight_decay"], want_rms=want_rms)
         if want_rms:
-            for p, r in zip(params, rms):
-                bus.emit("muon/update_rms", r, param=self._names[id(p)])
+            self._guard.run(bus, "muon/update_rms", self._emit_fallback_rms, bus, params, rms)
+
+    def _emit_fallback_rms(self, bus: hooks.Bus, params: list[torch.Tensor],
+                           rms: list[torch.Tensor]) -> None:
+        for p, r in zip(params, rms):
+            bus.emit("muon/update_rms", r, param=self._names[id(p)])

@@ -67,6 +67,10 @@ def check_ns_args(steps: int, coefficients: tuple[float, float, float],
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100:
         raise ValueError(f"steps must be an int in [1, 100], got {steps!r}")
     try:
+        # a string iterates to characters: "123" must not read as (1, 2, 3)
+        if isinstance(coefficients, (str, bytes)) or any(
+                isinstance(x, (bool, str, bytes)) for x in coefficients):
+            raise TypeError
         a, b, c = (float(x) for x in coefficients)
     except (TypeError, ValueError):
         raise ValueError(f"coefficients must be three finite floats (a, b, c), "
@@ -216,6 +220,8 @@ def ns_diagnostics(X: torch.Tensor, residual: bool = True, singular_values: bool
     Singular values are exact (``eigvalsh``) when the shorter side is at most
     ``exact_below``, else Lanczos estimates, which lie inside the true range. ``gram``: the
     Gram matrix already at hand (``newton_schulz(..., output_gram=True)``), used instead.
+    A matrix whose Gram matrix is not finite gets NaN figures (its Frobenius norm NaN or
+    inf); an eigensolver failure gives NaN singular values; neither raises.
     """
     if not isinstance(X, torch.Tensor) or X.ndim < 2:
         raise ValueError(f"X must be a tensor with at least 2 dims [..., m, n], got "
@@ -242,14 +248,25 @@ def ns_diagnostics(X: torch.Tensor, residual: bool = True, singular_values: bool
             Xg = Xg.mT
         gram = Xg @ Xg.mT
     A = gram.float()
-    res = _residual_of_gram(A) if residual else None
+    # a NaN/Inf Gram matrix (a non-finite gradient, an overflowing fp16 product) gives NaN
+    # figures; eigvalsh would fail to converge on it, so it sees a zero matrix instead
+    finite = torch.isfinite(A).flatten(-2).all(-1)
+    nan = torch.tensor(math.nan, dtype=A.dtype, device=A.device)
+    res = torch.where(finite, _residual_of_gram(A), nan) if residual else None
     lo = hi = None
     if singular_values:
-        if A.shape[-1] <= exact_below:
-            ev = finite_eigvalsh(A)
-            lo, hi = ev[..., 0], ev[..., -1]
-        else:
-            lo, hi = lanczos_extreme_eigvalsh(A, lanczos_steps)
-        lo, hi = lo.clamp_min(0).sqrt(), hi.clamp_min(0).sqrt()
+        lo, hi = _sv_band(torch.where(finite[..., None, None], A, 0.0), exact_below,
+                          lanczos_steps)
+        lo = torch.where(finite, lo.clamp_min(0).sqrt(), nan)
+        hi = torch.where(finite, hi.clamp_min(0).sqrt(), nan)
     fro = A.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() if frobenius else None
     return NSDiagnostics(res, lo, hi, fro)
+
+
+def _sv_band(A: torch.Tensor, exact_below: int, lanczos_steps: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extreme eigenvalues of the finite Gram matrices ``A``; NaN where LAPACK gives up."""
+    if A.shape[-1] <= exact_below:
+        ev = finite_eigvalsh(A)
+        return ev[..., 0], ev[..., -1]
+    return lanczos_extreme_eigvalsh(A, lanczos_steps)

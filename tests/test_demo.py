@@ -13,7 +13,7 @@ def test_demo_writes_runs_tensorboard_reads(tmp_path, capsys):
                "--runs", str(tmp_path), "--name", "t", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "adamw" in out and f"tensorboard --logdir {tmp_path}" in out
+    assert "adamw" in out and f"-m probe tensorboard {tmp_path}" in out
     run = tmp_path / "t-adamw"
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()

@@ -218,6 +218,24 @@ def test_state_dict_round_trip_keeps_masks():
     assert rec.values("falcon/mask_recomputed", "0.weight") == [0.0, 0.0, 1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("every,interval,want", [
+    (10, 5, [1.0, 2.0, 2.0]),  # issue 17.5: a 0/1 flag read 1.0 at every sample here
+    (4, 3, [1.0, 1.0, 1.0, 2.0, 1.0, 1.0]),  # samples 0, 4, .. 20; rebuilds 0, 3, .. 18
+    (1, 2, [1.0, 0.0] * 5),
+])
+def test_mask_recomputed_counts_rebuilds_between_samples(every, interval, want):
+    model = net()
+    bus = hooks.Bus(every=every, strict=True)
+    rec = Recorder()
+    bus.subscribe(rec, "falcon/mask_recomputed")
+    opt = Falcon(model.named_parameters(), mask_interval=interval, bus=bus)
+    steps = every * (len(want) - 1) + 1
+    drive(bus, opt, model, batches(steps))
+    assert rec.values("falcon/mask_recomputed", "0.weight") == want
+    # the counts add up to the rebuilds that happened: ceil(steps / interval)
+    assert sum(want) == -(-steps // interval)
+
+
 def test_zero_gradients_stay_finite():
     model = net()
     opt = Falcon(model.named_parameters(), bus=hooks.Bus())

@@ -1,7 +1,6 @@
 """``probe report`` and ``probe tensorboard`` on real demo runs and on synthetic telemetry."""
 
 import json
-import math
 import urllib.parse
 import urllib.request
 
@@ -15,7 +14,7 @@ from dashboards import JSONLines
 from hooks import topics
 from probe.cli import main
 from probe.report import load_runs
-from probe.tensorboard_cmd import start
+from probe.tensorboard_cmd import start, stop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -152,7 +151,9 @@ def test_tensorboard_server_serves_layout_and_scalars(demo_runs):
     proc, url = start(run, host="127.0.0.1", port=0, timeout=60)
     try:
         assert url.startswith("http://127.0.0.1:")
-        tags = _get(url + "data/plugin/scalars/tags")["."]
+        runs = _get(url + "data/plugin/scalars/tags")
+        assert set(runs) == {run.name}  # a lone run folder keeps its name, not "."
+        tags = runs[run.name]
         assert {"step/time_ms", "grad/norm", "eval/accuracy", "train/loss"} <= set(tags)
         layout = _get(url + "data/plugin/custom_scalars/layout")
         cats = {c["title"]: c for c in layout["category"]}
@@ -161,7 +162,7 @@ def test_tensorboard_server_serves_layout_and_scalars(demo_runs):
             for ch in cat["chart"]:
                 for rx in ch["multiline"]["tag"]:
                     assert rx[1:-1].replace("\\", "") in tags, rx
-        q = urllib.parse.urlencode({"run": ".", "tag": "grad/norm"})
+        q = urllib.parse.urlencode({"run": run.name, "tag": "grad/norm"})
         series = _get(url + "data/plugin/scalars/scalars?" + q)
         recs = _records(run / "events.jsonl")
         want = [(r["step"], r["value"]) for r in recs
@@ -179,9 +180,8 @@ def test_tensorboard_server_serves_layout_and_scalars(demo_runs):
         metrics = {m["name"]["tag"] for m in exp["metricInfos"]}
         assert metrics == {"eval/accuracy", "eval/loss", "train/loss"}
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    assert not math.isnan(proc.returncode)
+        stop(proc)
+    assert proc.returncode is not None
 
 
 def test_tensorboard_start_validates(tmp_path):

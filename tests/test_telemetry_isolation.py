@@ -96,7 +96,7 @@ def test_a_raising_diagnostic_is_counted_and_the_step_goes_on(monkeypatch, capsy
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     assert rec.values("probe/diagnostic_errors")[-1] == 4.0  # 2 steps x 2 shape buckets
-    assert capsys.readouterr().err.count("diagnostic muon/ns_diagnostics failed") == 1
+    assert capsys.readouterr().err.count("diagnostic Muon muon/ns_telemetry failed") == 1
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
