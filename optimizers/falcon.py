@@ -168,16 +168,35 @@ def lowrank_bins(bins: torch.Tensor, rank_k: int, backend: str = "poweriter",
     that ``poweriter_steps`` rounds of power iteration stood in."""
     if rank_k >= min(bins.shape[:2]):
         return bins, False
-    if backend == "poweriter" and rank_k == 1:
-        return rank1_poweriter(bins, poweriter_steps), False  # no transpose copies, no QR
+    # the normalizations and QR of power iteration underflow to NaN on a denormal spectrum
+    # (a float32 gradient near 1e-39) and overflow on a huge one: iterate on the spectrum
+    # scaled by powers of 2 that bring its largest entry near 1, exact both ways
+    lo, hi = _power_of_2_scales(bins)
+    if backend == "poweriter" and rank_k == 1:  # no transpose copies, no QR
+        return rank1_poweriter(bins * lo * hi, poweriter_steps) / hi / lo, False
     stacked = bins.permute(2, 0, 1)  # the batched helpers want the matrices last
     if backend == "svd":
         try:
             return lowrank_svd(stacked, rank_k).permute(1, 2, 0), False
         except RuntimeError:  # torch.linalg.LinAlgError
             pass
-    return lowrank_poweriter(stacked, rank_k, poweriter_steps).permute(1, 2, 0), \
-        backend == "svd"
+    low = lowrank_poweriter(stacked * lo * hi, rank_k, poweriter_steps) / hi / lo
+    return low.permute(1, 2, 0), backend == "svd"
+
+
+def _power_of_2_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 0-d powers of 2 (x's real dtype) whose product s makes ``max|x| * s`` lie in
+    [1/2, 1); two, because s alone can exceed the dtype's range for a denormal ``x``. Both
+    are 1 for a zero or non-finite ``x``. No host sync."""
+    amax = x.abs().amax() if x.numel() else torch.zeros((), dtype=x.real.dtype,
+                                                          device=x.device)
+    e = torch.frexp(amax).exponent  # amax = m * 2**e, m in [0.5, 1)
+    ok = torch.isfinite(amax) & (amax > 0)
+    one = torch.ones_like(amax)
+    half = torch.div(-e, 2, rounding_mode="floor")
+    lo = torch.where(ok, torch.ldexp(one, half), one)
+    hi = torch.where(ok, torch.ldexp(one, -e - half), one)
+    return lo, hi
 
 
 def _filter(g: torch.Tensor, retain: float, rank_k: int, backend: str, poweriter_steps: int,

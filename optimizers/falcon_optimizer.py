@@ -168,7 +168,8 @@ class Falcon(torch.optim.Optimizer):
                     raise ValueError(f"Falcon supports real floating-point parameters; "
                                      f"parameter {i} of group {gi} has dtype {p.dtype}")
                 name = names[i] if names else f"group{gi}.{i}"
-                if p.ndim == 4 and min(p.shape[-2:]) >= self.min_kernel:
+                # a 0-size weight has no spectrum to filter (and no update either)
+                if p.ndim == 4 and min(p.shape[-2:]) >= self.min_kernel and p.numel():
                     filterable.append((p, name))
                 # biases and norm weights are the 0-d and 1-d parameters: no decay for them
                 info[p] = _Info(name, False, p.ndim >= 2, p.shape)

@@ -36,6 +36,9 @@ ADJUST_LR = (None, "original", "match_rms_adamw")
 NORMALIZE = (False, True, "before", "after")
 _NEEDS_GRAM = ("muon/ns_residual", "muon/sv_min", "muon/sv_max")
 DEFAULT_LR_FALLBACK = 3e-4  # the AdamW lr of Keller Jordan's MuonWithAuxAdam
+# lr, decays and eps above this would make lr*wd, the shape-adjusted lr or Adam's step size
+# overflow float32 when torch converts them for an in-place op (a RuntimeError in step())
+MAX_SCALAR = 1e18
 
 
 def adjusted_lr(lr: float, adjust_lr: str | None, rows: int, cols: int) -> float:
@@ -64,9 +67,9 @@ def _real(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool 
 
 def _check_group(g: dict) -> None:
     """ValueError naming the option when a group's setting is out of range."""
-    _real("lr", g["lr"], 0.0)
+    _real("lr", g["lr"], 0.0, MAX_SCALAR)
     _real("momentum", g["momentum"], 0.0, 1.0, hi_open=True)
-    _real("weight_decay", g["weight_decay"], 0.0)
+    _real("weight_decay", g["weight_decay"], 0.0, MAX_SCALAR)
     if not isinstance(g["nesterov"], bool):
         raise ValueError(f"nesterov must be True or False, got {g['nesterov']!r}")
     try:
@@ -90,15 +93,15 @@ def _check_group(g: dict) -> None:
         raise ValueError(f"normalize_weights must be False, True (= 'before', AirBench's "
                          f"order) or 'after', got {g['normalize_weights']!r}")
     if g["lr_fallback"] is not None:
-        _real("lr_fallback", g["lr_fallback"], 0.0)
+        _real("lr_fallback", g["lr_fallback"], 0.0, MAX_SCALAR)
     if g["wd_fallback"] is not None:
-        _real("wd_fallback", g["wd_fallback"], 0.0)
+        _real("wd_fallback", g["wd_fallback"], 0.0, MAX_SCALAR)
     betas = g["betas_fallback"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas_fallback must be a pair of floats in [0, 1), got {betas!r}")
     for i, b in enumerate(betas):
         _real(f"betas_fallback[{i}]", b, 0.0, 1.0, hi_open=True)
-    _real("eps_fallback", g["eps_fallback"], 0.0, lo_open=True)
+    _real("eps_fallback", g["eps_fallback"], 0.0, MAX_SCALAR, lo_open=True)
     if g["use_muon"] not in (None, True, False):
         raise ValueError(f"use_muon must be None, True or False, got {g['use_muon']!r}")
     routing.check_routing_args(g["min_dim"], g["max_aspect"])

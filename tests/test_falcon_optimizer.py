@@ -314,3 +314,15 @@ def test_cuda_matches_cpu(dtype):
     for p, q in zip(cpu.parameters(), gpu.parameters()):
         torch.testing.assert_close(q.float().cpu(), p, rtol=tol, atol=tol)
     assert {e.topic for e in rec.events} >= {"time/falcon/fft", "falcon/retained_energy"}
+
+
+def test_zero_size_conv_weight_is_left_alone():
+    # a pruned-away conv (0 output channels) has no spectrum to filter: no crash, no update
+    conv, empty = nn.Conv2d(2, 4, 3), nn.Conv2d(2, 0, 3)
+    opt = Falcon([("conv.weight", conv.weight), ("empty.weight", empty.weight)],
+                 bus=hooks.Bus())
+    conv.weight.grad = torch.randn_like(conv.weight)
+    empty.weight.grad = torch.randn_like(empty.weight)
+    before = conv.weight.detach().clone()
+    opt.step()
+    assert empty.weight.shape == (0, 2, 3, 3) and not torch.equal(conv.weight, before)
