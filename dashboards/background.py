@@ -1,8 +1,9 @@
 """A collector run on its own thread behind a bounded queue: a slow disk never slows training.
 
 When the queue is full the batch is dropped and counted (``dropped``, and the bus's
-``probe/dropped_events`` when a bus is given), never buffered without bound. The thread is a
-daemon, stops on ``close()`` and is closed at interpreter exit.
+``probe/dropped_events`` when a bus is given), never buffered without bound. ``flush()``
+waits until the worker has delivered what was queued and flushed the collector. The thread
+is a daemon, stops on ``close()`` and is closed at interpreter exit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 import weakref
 from typing import Any
 
-from hooks import Bus, Event
+from hooks import Bus, Event, Vector
 
 _STOP = object()
 
@@ -33,6 +34,7 @@ class Background:
         if not isinstance(join_timeout, (int, float)) or not join_timeout > 0:
             raise ValueError(f"join_timeout must be a number > 0, got {join_timeout!r}")
         self.collector = collector
+        self.vectors = getattr(collector, "vectors", False) is True  # passed through as given
         self.name = "Background(" + (getattr(collector, "name", None)
                                       or type(collector).__name__) + ")"
         self.bus = bus
@@ -53,9 +55,24 @@ class Background:
         try:
             self._queue.put_nowait(events)
         except queue.Full:
-            self.dropped += len(events)
+            n = sum(len(e.values) if type(e) is Vector else 1 for e in events)
+            self.dropped += n
             if self.bus is not None:  # called on the training thread, as the bus is
-                self.bus.dropped_events += len(events)
+                self.bus.dropped_events += n
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until what was queued before this call is delivered and the collector flushed
+        (on the worker, in order); False if that took longer than ``timeout`` (default
+        ``join_timeout``) seconds or the worker is gone."""
+        if self._closed or not self._thread.is_alive():
+            return False
+        done = threading.Event()
+        wait = self.join_timeout if timeout is None else timeout
+        try:
+            self._queue.put(done, timeout=wait)
+        except queue.Full:
+            return False
+        return done.wait(wait)
 
     def _run(self) -> None:
         while True:
@@ -63,9 +80,19 @@ class Background:
             if batch is _STOP:
                 return
             try:
+                if isinstance(batch, threading.Event):
+                    flush = getattr(self.collector, "flush", None)
+                    try:
+                        if flush is not None:
+                            flush()
+                    finally:
+                        batch.set()
+                    continue
                 self.collector.handle(batch)
             except Exception as exc:  # the worker must outlive a failing collector
                 self.errors += 1
+                if self.bus is not None:  # reported with the bus's next step
+                    self.bus.collector_errors += 1
                 if self.errors == 1:
                     print(f"optprobe: collector {self.name} failed in handle(): {exc!r}; "
                           f"further failures are counted", file=sys.stderr)

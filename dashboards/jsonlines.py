@@ -1,15 +1,18 @@
-"""JSON-lines collector: one event per line, each line written whole."""
+"""JSON-lines collector: one line per event, or per (topic, step) for a per-parameter
+statistic, each line written whole; ``read_events`` reads both kinds back as events."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from hooks import Event
+from hooks import Event, Vector
 
 
 class JSONLines:
     """Appends events to ``path`` as JSON objects, one per line, flushed after every batch.
+    A per-parameter statistic is one line per step: ``{"topic", "step", "values": [...],
+    "params": [...], "tags", "wall_time"}`` (``values[i]`` is parameter ``params[i]``'s).
 
     A batch is joined into one string and handed to the kernel with unbuffered writes, so a
     process killed mid-run leaves whole lines behind except possibly the last. A failed write
@@ -19,6 +22,7 @@ class JSONLines:
     """
 
     name = "JSONLines"
+    vectors = True
 
     def __init__(self, path: str | os.PathLike, run_id: str | None = None) -> None:
         if run_id is not None and (not isinstance(run_id, str) or not run_id):
@@ -32,7 +36,7 @@ class JSONLines:
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self._torn = False
 
-    def handle(self, events: list[Event]) -> None:
+    def handle(self, events: list[Event | Vector]) -> None:
         if self._file.closed:
             return
         run = self.run_id
@@ -52,7 +56,9 @@ class JSONLines:
 
 
 def read_events(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, str]]]:
-    """Parse an events.jsonl file: the good records and (line number, reason) of bad lines."""
+    """Parse an events.jsonl file: the good records, one dict per event (``topic``, ``step``,
+    ``value``, ``tags``, ``wall_time``; a per-parameter line becomes one per parameter, with
+    ``tags["param"]``), and (line number, reason) of bad lines."""
     good: list[dict] = []
     bad: list[tuple[int, str]] = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -64,8 +70,30 @@ def read_events(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, st
             except json.JSONDecodeError as exc:
                 bad.append((n, f"not JSON: {exc.msg}"))
                 continue
+            except RecursionError:
+                bad.append((n, "nested too deeply"))
+                continue
+            if isinstance(rec, dict) and "values" in rec and "value" not in rec:
+                why = _expand_vector(rec, good)
+                if why:
+                    bad.append((n, why))
+                continue
             if not isinstance(rec, dict) or not {"topic", "step", "value"} <= rec.keys():
                 bad.append((n, "missing topic/step/value"))
                 continue
             good.append(rec)
     return good, bad
+
+
+def _expand_vector(rec: dict, out: list[dict]) -> str:
+    values, params, tags = rec.get("values"), rec.get("params"), rec.get("tags", {})
+    if "topic" not in rec or "step" not in rec:
+        return "missing topic/step"
+    if not isinstance(values, list) or not isinstance(params, list) or len(values) != len(params):
+        return "values and params must be lists of one length"
+    if not isinstance(tags, dict):
+        return "tags must be an object"
+    base = {k: v for k, v in rec.items() if k not in ("values", "params", "tags")}
+    out.extend({**base, "value": v, "tags": {**tags, "param": p}}
+               for v, p in zip(values, params))
+    return ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from hooks import Event
+from hooks import Event, Vector
 
 
 class Summary:
@@ -12,35 +12,47 @@ class Summary:
     text topics keep their last value."""
 
     name = "Summary"
+    vectors = True
 
     def __init__(self) -> None:
         self.stats: dict[str, dict] = {}
 
-    def handle(self, events: list[Event]) -> None:
-        stats = self.stats
+    def handle(self, events: list[Event | Vector]) -> None:
+        add = self._add
         for e in events:
+            if type(e) is Vector:
+                topic, step = e.topic, e.step
+                for tag, v in zip(e.tag_paths(), e.values):
+                    add(tag, topic, step, v)
+                continue
             v = e.value
             if isinstance(v, list):
                 continue
             tag = e.tag_path()
-            s = stats.get(tag)
             if isinstance(v, str):
-                stats[tag] = {"topic": e.topic, "count": (s or {}).get("count", 0) + 1,
-                              "last": v, "step": e.step}
+                s = self.stats.get(tag)
+                self.stats[tag] = {"topic": e.topic, "count": (s or {}).get("count", 0) + 1,
+                                   "last": v, "step": e.step}
                 continue
-            if s is None:
-                s = stats[tag] = {"topic": e.topic, "count": 0, "sum": 0.0, "last": v,
-                                  "min": math.inf, "max": -math.inf, "step": e.step,
-                                  "nonfinite": 0}
-            s["count"] += 1
-            s["last"] = v
-            s["step"] = e.step
-            if math.isfinite(v):
-                s["sum"] += v
-                s["min"] = min(s["min"], v)
-                s["max"] = max(s["max"], v)
-            else:
-                s["nonfinite"] += 1
+            add(tag, e.topic, e.step, v)
+
+    def _add(self, tag: str, topic: str, step: int, v: float) -> None:
+        s = self.stats.get(tag)
+        if s is None:
+            s = self.stats[tag] = {"topic": topic, "count": 0, "sum": 0.0, "last": v,
+                                   "min": math.inf, "max": -math.inf, "step": step,
+                                   "nonfinite": 0}
+        s["count"] += 1
+        s["last"] = v
+        s["step"] = step
+        if math.isfinite(v):
+            s["sum"] += v
+            if v < s["min"]:
+                s["min"] = v
+            if v > s["max"]:
+                s["max"] = v
+        else:
+            s["nonfinite"] += 1
 
     def result(self) -> dict[str, dict]:
         """A copy of the aggregates, with ``mean`` over the finite values."""

@@ -1,5 +1,6 @@
-"""TensorBoard collector: scalars, histograms and text through torch's SummaryWriter, plus
-the custom-scalar layout of the tags actually written and the run's hyperparameters."""
+"""TensorBoard collector: scalars, histograms and text written as one Summary per step into
+the event file of torch's SummaryWriter, plus the custom-scalar layout of the tags actually
+written and the run's hyperparameters."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import numpy as np
 
 from dashboards.layouts import build_layout
-from hooks import Event, topics
+from hooks import Event, Vector, topics
 
 _HPARAM_TYPES = (bool, int, float, str)
 _METRICS = ("eval/accuracy", "eval/loss", "train/loss")
@@ -48,6 +49,26 @@ def open_writer(logdir: str, **kwargs):
     return writer
 
 
+def _histogram(values: list[float]):
+    """A HistogramProto of the finite ``values`` (30 equal-width buckets), None if none."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    counts, edges = np.histogram(v, bins=30 if v.min() < v.max() else 1)
+    return HistogramProto(min=float(v.min()), max=float(v.max()), num=float(v.size),
+                          sum=float(v.sum()), sum_squares=float(np.dot(v, v)),
+                          bucket_limit=edges[1:].tolist(), bucket=counts.tolist())
+
+
+def _text(tag: str, text: str):
+    from torch.utils.tensorboard.summary import text as text_summary
+
+    return text_summary(tag, text)
+
+
 def check_hparams(hparams: dict | None) -> dict | None:
     """``hparams`` unchanged if it maps str names to bool/int/float/str; else ValueError."""
     if hparams is None:
@@ -63,50 +84,82 @@ def check_hparams(hparams: dict | None) -> dict | None:
 
 
 class TensorBoard:
-    """Writes each event under the tag ``<topic>/<param>`` (or ``<topic>``) in ``logdir``.
+    """Writes each value under the tag ``<topic>/<param>`` (or ``<topic>``) in ``logdir``.
 
+    A batch becomes one Summary (one event-file record) per step, however many tags it
+    holds: the writer's queue and lock are met once per step, not once per value.
+    Histograms are 30 equal-width buckets over the finite values (NaN/Inf left out).
     Whenever a scalar tag appears that changes the custom-scalar layout, the layout is written
     again (TensorBoard shows the latest), so it always matches the tags in the file.
     ``hparams`` go to the HParams dashboard on close, with the run's losses/accuracy as metrics.
     """
 
     name = "TensorBoard"
+    vectors = True
 
     def __init__(self, logdir: str | os.PathLike, flush_secs: int = 10,
-                 filename_suffix: str = "", hparams: dict | None = None) -> None:
+                 filename_suffix: str = "", hparams: dict | None = None,
+                 max_queue: int = 1024) -> None:
         if not isinstance(flush_secs, int) or flush_secs < 1:
             raise ValueError(f"flush_secs must be an int >= 1, got {flush_secs!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
         self.hparams = check_hparams(hparams)
         self.logdir = os.fspath(logdir)
-        self.writer = open_writer(self.logdir, flush_secs=flush_secs,
+        # a deep queue: the writer thread drains it, the training side never waits on it
+        self.writer = open_writer(self.logdir, flush_secs=flush_secs, max_queue=max_queue,
                                   filename_suffix=filename_suffix)
         self.scalar_tags: dict[str, set[str]] = {}
         self.layout: dict[str, dict[str, list]] = {}
+        self.summaries_written = 0
         self._last_step = 0
         self._closed = False
 
-    def handle(self, events: list[Event]) -> None:
-        w = self.writer
+    def handle(self, events: list[Event | Vector]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        by_step: dict[int, tuple[Summary, float]] = {}
         new_tag = False
         for e in events:
-            self._last_step = max(self._last_step, e.step)
+            entry = by_step.get(e.step)
+            if entry is None:
+                entry = by_step[e.step] = (Summary(), e.wall_time)
+            add = entry[0].value.add
+            if type(e) is Vector:
+                tags = e.tag_paths()
+                for tag, v in zip(tags, e.values):
+                    add(tag=tag, simple_value=v)
+                seen = self.scalar_tags.setdefault(e.topic, set())
+                if not seen.issuperset(tags):
+                    seen.update(tags)
+                    new_tag = True
+                continue
             tag = e.tag_path()
-            if isinstance(e.value, str):
-                w.add_text(tag, e.value, e.step, walltime=e.wall_time)
-            elif isinstance(e.value, list):
-                if e.value:
-                    w.add_histogram(tag, np.asarray(e.value, dtype=np.float64), e.step,
-                                    walltime=e.wall_time)
+            v = e.value
+            if isinstance(v, str):
+                entry[0].value.extend(_text(tag, v).value)
+            elif isinstance(v, list):
+                h = _histogram(v)
+                if h is not None:
+                    add(tag=tag, histo=h)
             else:
                 row = topics.lookup(e.topic)
                 if row is not None and row.kind == topics.HISTOGRAM:
-                    w.add_histogram(tag, np.asarray([e.value]), e.step, walltime=e.wall_time)
+                    h = _histogram([v])
+                    if h is not None:
+                        add(tag=tag, histo=h)
                 else:
-                    w.add_scalar(tag, e.value, e.step, walltime=e.wall_time)
+                    add(tag=tag, simple_value=v)
                     seen = self.scalar_tags.setdefault(e.topic, set())
                     if tag not in seen:
                         seen.add(tag)
                         new_tag = True
+        fw = self.writer._get_file_writer()
+        for step, (summary, wall) in by_step.items():
+            self._last_step = max(self._last_step, step)
+            if summary.value:
+                fw.add_summary(summary, step, wall or None)
+                self.summaries_written += 1
         if new_tag:
             self._write_layout()
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from hooks import topics as _topics
-from hooks.event import Event
+from hooks.event import Event, Vector, expand
 from hooks.interrupts import deferred_sigint
 from hooks.timing import NULL_SPAN, CpuSpan, CudaTimer, Span, _profiler_enabled
 
@@ -31,7 +31,9 @@ _DELIVERY = {"sampled": _SAMPLED, "always": _ALWAYS, "alarm": _ALARM}
 
 
 class Collector(Protocol):
-    """Anything with ``handle(events)``; ``close()`` is optional."""
+    """Anything with ``handle(events)``; ``close()`` and ``flush()`` are optional. A collector
+    with ``vectors = True`` receives a per-parameter statistic as one ``Vector`` record per
+    (topic, step) among its Events; the others receive one Event per parameter."""
 
     def handle(self, events: list[Event]) -> None: ...
 
@@ -50,6 +52,7 @@ class Subscription:
         self.name = _collector_name(collector)
         self.errors = 0
         self.everything = "*" in patterns  # takes every event: no per-event matching
+        self.vectors = getattr(collector, "vectors", False) is True
         self._match: dict[str, bool] = {}
 
     def matches(self, topic: str) -> bool:
@@ -119,6 +122,7 @@ class Bus:
         self._reported_errors = 0
         self._reported_diag = 0
         self._diag_seen: set[str] = set()
+        self._columns: dict[int, tuple[list, int, tuple[list, dict] | None]] = {}
         self._closed = False
 
     # -- configuration -------------------------------------------------------------------
@@ -190,8 +194,10 @@ class Bus:
     def emit_each(self, topic: str, values: torch.Tensor | list[float],
                   tags: list[dict]) -> None:
         """Queue one scalar per element of the 1-d ``values`` (a tensor or host numbers),
-        element i tagged ``tags[i]``."""
-        self._queue(topic, values, list(tags), len(tags))
+        element i tagged ``tags[i]``; when every ``tags[i]`` has a ``param`` and the same other
+        tags, collectors with ``vectors = True`` get them as one Vector. A list is kept, not
+        copied (pass the same list each step, unchanged): its columns are worked out once."""
+        self._queue(topic, values, tags if type(tags) is list else list(tags), len(tags))
 
     def _queue(self, topic: str, value: Any, tags: dict | list, count: int) -> None:
         code = self._want.get(topic)
@@ -323,9 +329,19 @@ class Bus:
         for p, n, sampled in items:
             chunk = values[i:i + n]
             i += n
-            if isinstance(p.tags, list):  # emit_each: one scalar event per element
-                topic, step, wall = p.topic, p.step, p.wall
+            if isinstance(p.tags, list):  # emit_each: one Vector (or an event per element)
                 quiet_alarm = p.delivery == _ALARM and not sampled
+                cols = self._columns_of(p.tags)
+                if cols is not None:
+                    params, common = cols
+                    if quiet_alarm:
+                        keep = [i for i, v in enumerate(chunk) if v]
+                        if not keep:
+                            continue
+                        chunk, params = [chunk[i] for i in keep], [params[i] for i in keep]
+                    add(Vector(p.topic, p.step, chunk, params, common, p.wall))
+                    continue
+                topic, step, wall = p.topic, p.step, p.wall
                 for v, tags in zip(chunk, p.tags):
                     if quiet_alarm and not v:
                         continue
@@ -333,6 +349,30 @@ class Bus:
             else:
                 self._append(events, p, chunk[0] if n == 1 and _is_scalar(p.topic) else chunk,
                              sampled)
+
+    def _columns_of(self, tags: list[dict]) -> tuple[list, dict] | None:
+        """(parameter names, shared tags) when every dict of ``tags`` has a ``param`` and the
+        same other tags, else None. Producers pass the same list every step: kept by identity."""
+        hit = self._columns.get(id(tags))
+        if hit is not None and hit[0] is tags and hit[1] == len(tags):
+            return hit[2]
+        cols: tuple[list, dict] | None = None
+        if tags:
+            first = {k: v for k, v in tags[0].items() if k != "param"}
+            params = []
+            for t in tags:
+                name = t.get("param")
+                if name is None or len(t) != len(first) + 1 or any(
+                        t.get(k) != v for k, v in first.items()):
+                    params = None
+                    break
+                params.append(str(name))
+            if params is not None:
+                cols = (params, _str_tags(first))
+        if len(self._columns) > 64:  # producers with fresh lists each step: do not grow
+            self._columns.clear()
+        self._columns[id(tags)] = (tags, len(tags), cols)
+        return cols
 
     def _drain_inflight(self, events: list[Event], wait: bool) -> None:
         keep = []
@@ -394,10 +434,17 @@ class Bus:
                   f"further failures are counted in probe/diagnostic_errors", file=sys.stderr)
 
     # -- delivery ------------------------------------------------------------------------
-    def _deliver(self, events: list[Event]) -> None:
-        if not events:
+    def _deliver(self, records: list) -> None:
+        if not records:
             return
+        expanded = None
         for sub in list(self._subs):
+            if sub.vectors:
+                events = records
+            else:
+                if expanded is None:
+                    expanded = expand(records)
+                events = expanded
             mine = list(events) if sub.everything else [e for e in events
                                                         if sub.matches(e.topic)]
             if not mine:

@@ -31,3 +31,51 @@ class Event:
         """A JSON-ready dict of the event."""
         return {"topic": self.topic, "step": self.step, "value": self.value,
                 "tags": self.tags, "wall_time": self.wall_time}
+
+
+@dataclass(frozen=True, slots=True)
+class Vector:
+    """One per-parameter statistic for one step, column-wise: ``values[i]`` belongs to the
+    parameter ``params[i]``; ``tags`` are the tags all of them share (without ``param``).
+
+    The bus hands a Vector to collectors that set ``vectors = True``; the others receive
+    ``events()``, one Event per parameter, as before."""
+
+    topic: str
+    step: int
+    values: list
+    params: list
+    tags: dict = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def events(self) -> list[Event]:
+        """The same values as one Event per parameter (``tags`` plus ``param``)."""
+        topic, step, wall, tags = self.topic, self.step, self.wall_time, self.tags
+        return [Event(topic, step, v, {**tags, "param": p}, wall)
+                for v, p in zip(self.values, self.params)]
+
+    def tag_paths(self) -> list[str]:
+        """``<topic>/<param>`` of each value (TensorBoard tags)."""
+        t = self.topic
+        return [f"{t}/{p}" for p in self.params]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: one line per topic per step, the names written once."""
+        return {"topic": self.topic, "step": self.step, "values": self.values,
+                "params": self.params, "tags": self.tags, "wall_time": self.wall_time}
+
+
+Record = Event | Vector
+
+
+def expand(records: list) -> list[Event]:
+    """``records`` with every Vector replaced by its Events (order kept)."""
+    if not any(type(r) is Vector for r in records):
+        return records
+    out: list[Event] = []
+    for r in records:
+        if type(r) is Vector:
+            out.extend(r.events())
+        else:
+            out.append(r)
+    return out

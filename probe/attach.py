@@ -33,6 +33,7 @@ from probe.stats import (
     value_sample,
 )
 
+DEFAULT_QUEUE_BATCHES = 1024  # steps of backlog a default collector's worker may hold
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
 _ON_NONFINITE = ("report", "skip")
 # live probes by optimizer and by bus: one probe drives one optimizer and one bus at a time
@@ -253,12 +254,14 @@ class Probe:
         name = "events.jsonl" if self.ranks is None else f"events-rank{self.ranks[0]}.jsonl"
         jsonl = JSONLines(os.path.join(logdir, name), run_id=self.run_id)
         try:
-            if self.ranks is not None and self.ranks[0] != 0:
-                return [jsonl]
-            return [TensorBoard(logdir, hparams=hparams), jsonl]
+            files = [jsonl] if self.ranks is not None and self.ranks[0] != 0 else \
+                [TensorBoard(logdir, hparams=hparams), jsonl]
         except BaseException:
             jsonl.close()
             raise
+        # encoding and writing run on a worker each, off the training thread; flush() and
+        # close() wait for them
+        return [Background(c, max_batches=DEFAULT_QUEUE_BATCHES, bus=self.bus) for c in files]
 
     def _make_sampler(self, gpu: str | bool) -> Sampler | None:
         cuda = self.bus.device.type == "cuda"
@@ -483,8 +486,16 @@ class Probe:
         return self.summary_collector.result()
 
     def flush(self) -> None:
-        """Deliver everything pending now."""
+        """Deliver everything pending now and wait until the collectors have written it."""
         self.bus.flush()
+        for c in self.collectors:
+            flush = getattr(c, "flush", None)
+            if flush is not None:
+                try:
+                    flush()
+                except Exception as exc:  # a collector's fault never breaks the run
+                    print(f"optprobe: flushing {type(c).__name__} failed: {exc!r}",
+                          file=sys.stderr)
 
     def detach(self) -> None:
         """The same as ``close()``: the optimizer is left exactly as before attach, and every

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hooks import Event
+from hooks import Event, Vector
 
 REDUCE_OPS = (None, "mean", "max")
 
@@ -33,8 +33,9 @@ class RankTagged:
         self.collector = collector
         self.rank = str(int(rank))
         self.name = getattr(collector, "name", None) or type(collector).__name__
+        self.vectors = getattr(collector, "vectors", False) is True
 
-    def handle(self, events: list[Event]) -> None:
+    def handle(self, events: list[Event | Vector]) -> None:
         r = self.rank
         self.collector.handle([dataclasses.replace(e, tags={**e.tags, "rank": r})
                                for e in events])

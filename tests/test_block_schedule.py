@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import hooks
+from dashboards import read_events
 from optimizers import BlockSchedule
 from tests.helpers import Recorder
 
@@ -464,15 +465,13 @@ def test_cuda_suffix_steps_do_not_sync_and_relevance_matches_cpu():
 
 
 def test_demo_runs_the_block_schedule(tmp_path, capsys):
-    import json
 
     from probe.cli import main
 
     rc = main(["demo", "--optimizer", "blocks", "--steps", "30", "--every", "5",
                "--runs", str(tmp_path), "--name", "t", "--no-progress"])
     assert rc == 0 and "blocks" in capsys.readouterr().out
-    recs = [json.loads(x) for x in (tmp_path / "t-blocks" / "events.jsonl").read_text()
-            .splitlines()]
+    recs = read_events(tmp_path / "t-blocks" / "events.jsonl")[0]
     active = [r["value"] for r in recs if r["topic"] == "blocks/active"]
     assert active[0] == 4 and min(active) < 4  # the front froze after the warm-up
     assert {r["tags"]["param"] for r in recs if r["topic"] == "blocks/relevance"} == \

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dashboards import read_events
+
 STEPS, EVERY, NAN_STEP = 6, 2, 3
 
 
@@ -85,8 +87,7 @@ def test_two_gloo_ranks_tag_write_reduce_and_never_deadlock(tmp_path):
         assert len([f for f in files if f.startswith("events.out.tfevents")]) == 1  # rank 0
         recs = {}
         for r in (0, 1):
-            lines = (run / f"events-rank{r}.jsonl").read_text().splitlines()
-            recs[r] = [json.loads(line) for line in lines]
+            recs[r] = read_events(run / f"events-rank{r}.jsonl")[0]
             assert recs[r] and all(e["tags"]["rank"] == str(r) for e in recs[r])
         for r in (0, 1):
             got = {(e["step"], e["tags"]["param"]): e["value"] for e in recs[r]

@@ -1,7 +1,7 @@
 """``probe demo --optimizer kfac``: the K-FAC run writes its conditioning telemetry."""
 
-import json
 
+from dashboards import read_events
 from hooks import topics
 from probe.cli import main
 
@@ -11,8 +11,7 @@ def test_demo_kfac_writes_conditioning_telemetry(tmp_path, capsys):
                "--runs", str(tmp_path), "--name", "t", "--no-progress"])
     assert rc == 0
     assert "kfac" in capsys.readouterr().out
-    recs = [json.loads(x) for x in (tmp_path / "t-kfac" / "events.jsonl").read_text()
-            .splitlines()]
+    recs = read_events(tmp_path / "t-kfac" / "events.jsonl")[0]
     assert all(topics.is_declared(r["topic"]) for r in recs)
     by_topic = {}
     for r in recs:

@@ -1,9 +1,9 @@
 """`probe demo --optimizer muon` end to end: Muon's telemetry lands in TensorBoard and JSONL."""
 
-import json
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dashboards import read_events
 from probe.cli import main
 
 
@@ -22,7 +22,7 @@ def test_demo_runs_muon_with_its_telemetry(tmp_path, capsys):
                 "time/muon/fallback"):
         assert tag in scalars, tag
     assert len(acc.Scalars("muon/ns_residual/blocks.1.0.weight")) == 3  # steps 0, 4, 8
-    recs = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    recs = read_events(run / "events.jsonl")[0]
     routing = [r for r in recs if r["topic"] == "muon/routing"]
     assert len(routing) == 1
     table = routing[0]["value"]
