@@ -19,7 +19,7 @@ from dashboards.tensorboard import check_hparams
 from probe import distributed
 from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler
-from probe.names import parameter_names
+from probe.names import module_of, parameter_names
 from probe.runlock import RunLock
 from probe.skip import SkippedStep
 from probe.stats import (
@@ -28,11 +28,13 @@ from probe.stats import (
     abs_sums,
     finish_stats,
     finish_stats_host,
+    group_step_norms,
     snapshot,
     step_norms,
     value_sample,
 )
 
+PER = ("param", "module", "total")  # the granularity of the per-tensor statistics
 DEFAULT_QUEUE_BATCHES = 1024  # steps of backlog a default collector's worker may hold
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
 _ON_NONFINITE = ("report", "skip")
@@ -107,7 +109,8 @@ class Probe:
                  collectors: Iterable[Any] | None = None, bus: hooks.Bus | None = None,
                  profile: bool = False, gpu: str | bool = "auto",
                  histograms: bool = True, on_nonfinite: str = "report",
-                 reduce: str | None = None, hparams: dict | None = None) -> None:
+                 reduce: str | None = None, hparams: dict | None = None,
+                 per: str = "param") -> None:
         hparams = check_hparams(hparams)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, "
@@ -129,6 +132,11 @@ class Probe:
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
         if reduce not in distributed.REDUCE_OPS:
             raise ValueError(f"reduce must be one of {distributed.REDUCE_OPS}, got {reduce!r}")
+        if per not in PER:
+            raise ValueError(f"per must be one of {PER}, got {per!r}")
+        if per != "param" and reduce is not None:
+            raise ValueError(f"per={per!r} with reduce={reduce!r} is not supported: reduced "
+                             f"statistics are per parameter (use per='param')")
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"logdir must be a path or None, got {type(logdir).__name__}")
         if logdir is not None and not os.fspath(logdir):
@@ -182,6 +190,7 @@ class Probe:
         self.histograms = histograms
         self.on_nonfinite = on_nonfinite
         self.reduce = reduce
+        self.per = per
         self._skipping: SkippedStep | None = None
         first = next((p for g in optimizer.param_groups for p in g["params"]), None)
         if first is not None:
@@ -190,6 +199,7 @@ class Probe:
         self._step = 0
         self._params_key: tuple = ()
         self._params_cache: tuple[list, list] = ([], [])
+        self._groups: tuple[torch.Tensor, list[int], list[dict]] | None = None
         self._before: list[torch.Tensor] | None = None
         self._finite = FiniteCheck()
         self._step_timer = None
@@ -292,7 +302,21 @@ class Probe:
                 params.append(p)
                 tags.append({"param": name})
         self._params_key, self._params_cache = key, (params, tags)
+        self._groups = None
         return params, tags
+
+    def _grouping(self) -> tuple[torch.Tensor, list[int], list[dict]] | None:
+        """For ``per="module"``/``"total"``: (index of each parameter's group, the same as a
+        list, the groups' tags); None for ``per="param"``. Kept until the parameters change."""
+        if self.per == "param":
+            return None
+        if self._groups is None:
+            _, tags = self._params()
+            keys = [module_of(t["param"]) if self.per == "module" else "" for t in tags]
+            order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+            idx = [order[k] for k in keys]
+            self._groups = (torch.tensor(idx), idx, [{"param": k} if k else {} for k in order])
+        return self._groups
 
     # -- the hooks -----------------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
@@ -413,24 +437,35 @@ class Probe:
             pass  # norms, ratios and cosines came reduced; histograms below stay local
         elif self._before is not None and len(self._before) == len(params):
             if self._hist_step() and bus.wants("update/hist"):  # before step_norms takes it
-                for b, p, t in zip(self._before, params, tags):
-                    bus.emit("update/hist", value_sample(p) - value_sample(b), **t)
+                self._histograms(bus, "update/hist", [value_sample(p) - value_sample(b)
+                                                      for b, p in zip(self._before, params)],
+                                 tags)
             norms = step_norms(self._before, params, grads)
+            grouping = self._grouping()
+            if grouping is not None:
+                norms = group_step_norms(norms, grouping[0].to(norms.device),
+                                         len(grouping[2]))
+                tags = grouping[2]
             if norms.device.type == "cpu":  # host memory: reading it is no sync
                 table, totals = finish_stats_host(norms.tolist())
             else:
                 table, totals = finish_stats(norms)
-            for k, topic in enumerate(STAT_ROWS):
-                bus.emit_each(topic, table[k], tags)
+            if self.per != "total":
+                for k, topic in enumerate(STAT_ROWS):
+                    bus.emit_each(topic, table[k], tags)
             for k, topic in enumerate(STAT_ROWS[:3]):
                 bus.emit(topic, totals[k])
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float()
-            bus.emit_each("grad/norm", g, tags)
+            grouping = self._grouping()
+            if grouping is not None:
+                g = torch.zeros(len(grouping[2]), device=g.device).index_add_(
+                    0, grouping[0].to(g.device), g.square()).sqrt()
+            if self.per != "total":
+                bus.emit_each("grad/norm", g, tags if grouping is None else grouping[2])
             bus.emit("grad/norm", g.square().sum().sqrt())
         if self._hist_step() and bus.wants("grad/hist"):
-            for g, t in zip(grads, tags):
-                bus.emit("grad/hist", value_sample(g), **t)
+            self._histograms(bus, "grad/hist", [value_sample(g) for g in grads], tags)
         if bus.device.type == "cuda" and bus.wants("cuda/memory_allocated"):
             dev = bus.device
             bus.emit("cuda/memory_allocated", torch.cuda.memory_allocated(dev), param=str(dev))
@@ -461,6 +496,19 @@ class Probe:
             bus.emit_each(topic, out[k], all_tags)
         for k, topic in enumerate(STAT_ROWS[:3]):
             bus.emit(topic, tot[k], reduced=self.reduce)
+
+    def _histograms(self, bus: hooks.Bus, topic: str, samples: list[torch.Tensor],
+                    tags: list[dict]) -> None:
+        grouping = self._grouping()
+        if grouping is None:
+            for v, t in zip(samples, tags):
+                bus.emit(topic, v, **t)
+            return
+        members: list[list[torch.Tensor]] = [[] for _ in grouping[2]]
+        for v, i in zip(samples, grouping[1]):
+            members[i].append(v.float())
+        for vs, t in zip(members, grouping[2]):
+            bus.emit(topic, torch.cat(vs), **t)
 
     def _hist_step(self) -> bool:
         # histograms copy values, so they come every 10th sampled step
@@ -576,13 +624,15 @@ def attach(optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = 
            collectors: Iterable[Any] | None = None, bus: hooks.Bus | None = None,
            profile: bool = False, gpu: str | bool = "auto", histograms: bool = True,
            on_nonfinite: str = "report", reduce: str | None = None,
-           hparams: dict | None = None) -> Probe:
+           hparams: dict | None = None, per: str = "param") -> Probe:
     """Observe ``optimizer``: step time, gradient/update statistics and anomalies, delivered to
     TensorBoard + JSON lines in ``logdir`` (or to ``collectors``) every ``every`` steps.
 
     ``on_nonfinite="skip"`` makes a step with a NaN/Inf gradient a no-op; ``reduce`` ("mean" or
     "max") reduces per-parameter statistics across torch.distributed ranks; ``hparams``
-    (name -> bool/int/float/str) go to TensorBoard's HParams dashboard."""
+    (name -> bool/int/float/str) go to TensorBoard's HParams dashboard. ``per`` sets the
+    granularity of the per-tensor statistics: "param" (each tensor), "module" (the tensors of
+    one module together, tag = the module's name) or "total" (the model-wide totals only)."""
     return Probe(optimizer, model=model, logdir=logdir, every=every, collectors=collectors,
                  bus=bus, profile=profile, gpu=gpu, histograms=histograms,
-                 on_nonfinite=on_nonfinite, reduce=reduce, hparams=hparams)
+                 on_nonfinite=on_nonfinite, reduce=reduce, hparams=hparams, per=per)

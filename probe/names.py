@@ -36,3 +36,11 @@ def parameter_names(optimizer: torch.optim.Optimizer,
                 name = f"group{g}.{i}:" + "x".join(str(s) for s in p.shape)
             names[id(p)] = safe_name(name)
     return names
+
+
+def module_of(name: str) -> str:
+    """The module part of a parameter name (``blocks.3.attn.weight`` -> ``blocks.3.attn``);
+    a top-level parameter (``scale``) or a made-up name (``group0.1:3x2``) is its own."""
+    if ":" in name or "." not in name:
+        return name
+    return name.rsplit(".", 1)[0]

@@ -128,3 +128,15 @@ def value_sample(t: torch.Tensor, max_values: int = 1024) -> torch.Tensor:
     flat = t.detach().reshape(-1)
     stride = max(1, -(-flat.numel() // max_values))
     return flat[::stride]
+
+
+def group_step_norms(norms: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`step_norms` of parameter groups (modules): ``index[i]`` is the group of column
+    i. Norms combine as the root of summed squares and <-update, g> as a sum, so a group's
+    column equals the step norms of its parameters concatenated into one tensor."""
+    with torch.no_grad():
+        parts = torch.cat((norms[:3].square(), norms[3:4]))
+        out = torch.zeros(4, groups, dtype=norms.dtype, device=norms.device)
+        out.index_add_(1, index, parts)
+        out[:3].sqrt_()
+        return out

@@ -1,0 +1,70 @@
+"""Gates: the probe's cost on real model shapes, a ResNet-18 (62 tensors) and a 12-layer
+transformer (148 tensors), AdamW, the default collectors (TensorBoard + JSON lines) writing
+into a temporary folder; probed and bare steps interleaved in one process.
+
+At every=1 each timed call is one step (all sampled). At every=10 a timed call is 10 steps,
+so each holds exactly one sampled step and the ratio carries its amortized cost. At every=100
+a call is one step and the median is an unsampled step: the sampled step's cost, amortized
+over 100 steps, is the every=1 overhead / 100, recorded next to it (extra_info).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from probe.gates import probed_step_callable, step_callable
+from tests.benchmarks.scale_models import ResNet18, Transformer, resnet_batch, transformer_batch
+
+MODELS = {
+    "resnet18": (ResNet18, resnet_batch),
+    "transformer12": (Transformer, transformer_batch),
+}
+
+
+def _pair(name: str, tmp_path, every: int, collectors=None):
+    make, batch = MODELS[name]
+    torch.manual_seed(0)
+    bare_model = make()
+    probed_model = copy.deepcopy(bare_model)
+    x, y = batch()
+    bare = step_callable(bare_model, torch.optim.AdamW(bare_model.parameters(), lr=1e-3), x, y)
+    kwargs = {"collectors": collectors} if collectors is not None else {"logdir": tmp_path}
+    probed, p = probed_step_callable(probed_model,
+                                     torch.optim.AdamW(probed_model.parameters(), lr=1e-3),
+                                     x, y, every=every, **kwargs)
+    return bare, probed, p, len(list(bare_model.parameters()))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("every,max_ratio,inner,rounds", [
+    (1, 1.10, 1, 50), (10, 1.02, 10, 16), (100, 1.01, 1, 120)])
+def test_probe_overhead_at_scale(probe_gate, benchmark, tmp_path, name, every, max_ratio,
+                                 inner, rounds):
+    bare, probed, p, tensors = _pair(name, tmp_path, every)
+    try:
+        r = probe_gate(probed, bare, max_ratio=max_ratio, warmup=2, rounds=rounds, inner=inner,
+                       label=f"probe overhead, {name} ({tensors} tensors) + AdamW, "
+                             f"TensorBoard + JSON lines, every={every}")
+        per_step_ms = (r.candidate_median - r.baseline_median) * 1e3
+        benchmark.extra_info["tensors"] = tensors
+        benchmark.extra_info["overhead_ms_per_step"] = per_step_ms
+        if every == 1:
+            benchmark.extra_info["ms_per_sampled_step_per_tensor"] = per_step_ms / tensors
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_statistics_floor_at_scale(probe_gate, benchmark, tmp_path, name):
+    """A sampled step with no collector: the statistics alone (a snapshot, three foreach
+    norms and one dot per tensor), bounded by about one extra optimizer step."""
+    bare, probed, p, tensors = _pair(name, tmp_path, 1, collectors=[])
+    try:
+        probe_gate(probed, bare, max_ratio=1.10, warmup=2, rounds=50,
+                   label=f"probe statistics floor, {name} ({tensors} tensors), collectors=[], "
+                         f"every=1")
+    finally:
+        p.close()
