@@ -12,6 +12,7 @@ import atexit
 import queue
 import sys
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -112,11 +113,13 @@ class Background:
             return
         self._closed = True
         atexit.unregister(self._atexit)
-        try:  # a hung collector must not hang close(): give up after join_timeout
+        # a hung collector must not hang close(): give up join_timeout after the call, in all
+        deadline = time.monotonic() + self.join_timeout
+        try:
             self._queue.put(_STOP, timeout=self.join_timeout)
         except queue.Full:
             pass
-        self._thread.join(self.join_timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         close = getattr(self.collector, "close", None)
         if close is not None:
             close()

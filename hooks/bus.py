@@ -94,8 +94,10 @@ class Bus:
     """Routes telemetry from producers to collectors, one batch per step.
 
     ``every``: a step ``n`` is sampled when ``n % every == 0``. ``max_pending``: bound of the
-    values buffered between two ``end_step`` calls. ``strict``: raise on a topic missing from
-    the catalogue (default: the ``OPTPROBE_STRICT_TOPICS=1`` environment variable).
+    values buffered between two ``end_step`` calls (alarm topics have max(16, max_pending/16)
+    more room, so a flood of ordinary values cannot crowd them out). ``strict``: raise on a
+    topic missing from the catalogue (default: the ``OPTPROBE_STRICT_TOPICS=1`` environment
+    variable).
     """
 
     def __init__(self, every: int = 1, max_pending: int = 65536, strict: bool | None = None,
@@ -104,6 +106,9 @@ class Bus:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
         self.every = every
         self.max_pending = max_pending
+        # alarms (a NaN gradient, a skipped step) still get in when a flood of ordinary
+        # values has filled the buffer: the news that matters is not the one dropped
+        self._alarm_room = max(16, max_pending // 16)
         self.strict = (os.environ.get("OPTPROBE_STRICT_TOPICS") == "1") if strict is None \
             else bool(strict)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -205,7 +210,8 @@ class Bus:
             code = self._resolve_want(topic)
         if code == _NONE or (code == _SAMPLED and not self._sampled):
             return
-        if len(self._pending) >= self.max_pending:
+        if len(self._pending) >= self.max_pending and (
+                code != _ALARM or len(self._pending) >= self.max_pending + self._alarm_room):
             self.dropped_events += count
             return
         self._pending.append(_Pending(topic, self._step, value, tags, time.time(), code))

@@ -1,30 +1,45 @@
-"""Where the probe's overhead goes inside real training steps: the gate's small CNN + AdamW.
+"""Where the probe's overhead goes inside real training steps, AdamW on the gate's small CNN
+(8 tensors), a ResNet-18 (62) or a 12-layer transformer (150).
 
 Times the probe's own pre- and post-step hooks (median µs, unsampled and sampled steps apart)
-and the average per step at ``every``; the gate (`make bench`) measures the same overhead as
-a ratio of whole steps, which is noisier. Run from the repository root:
-``PYTHONPATH=. python scripts/probe_cost.py [--every 10] [--steps 500]``.
+and the average per step at ``every``; the gates (`make bench`) measure the same overhead as
+a ratio of whole steps, which is noisier. ``--files`` writes TensorBoard + JSON lines into a
+temporary folder (their encoding runs on worker threads, outside the hooks). Run from the
+repository root:
+``PYTHONPATH=. python scripts/probe_cost.py [--model cnn|resnet18|transformer12] [--every 10]
+[--steps 500] [--files]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
 
 from probe.gates import probed_step_callable
 from tests.benchmarks.conftest import small_cnn
+from tests.benchmarks.scale_models import ResNet18, Transformer, resnet_batch, transformer_batch
+
+MODELS = {
+    "cnn": (small_cnn, lambda: (torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,)))),
+    "resnet18": (ResNet18, resnet_batch),
+    "transformer12": (Transformer, transformer_batch),
+}
 
 
-def hook_costs(every: int, steps: int) -> dict[str, float]:
+def hook_costs(every: int, steps: int, model_name: str = "cnn",
+               files: bool = False) -> dict[str, float]:
     """Median µs of the probe's hooks per kind of step, and the per-step average."""
     torch.manual_seed(0)
-    model = small_cnn()
-    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    make, batch = MODELS[model_name]
+    model = make()
+    x, y = batch()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    step, p = probed_step_callable(model, opt, x, y, every=every, collectors=[])
+    where = {"logdir": tempfile.mkdtemp(prefix="probe-cost-")} if files else {"collectors": []}
+    step, p = probed_step_callable(model, opt, x, y, every=every, **where)
     times: dict[str, list[float]] = {"unsampled": [], "sampled": []}
     pending = [0.0, False]
 
@@ -54,6 +69,7 @@ def hook_costs(every: int, steps: int) -> dict[str, float]:
     out = {k: statistics.median(v) * 1e6 for k, v in times.items() if v}
     out["average"] = (out.get("unsampled", 0.0) * (every - 1) + out["sampled"]) / every
     out["step_ms"] = step_ms
+    out["tensors"] = len(list(model.parameters()))
     return out
 
 
@@ -61,14 +77,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--model", choices=list(MODELS), default="cnn")
+    ap.add_argument("--files", action="store_true",
+                    help="write TensorBoard + JSON lines (default: no collector)")
     args = ap.parse_args()
     if args.every < 1 or args.steps < args.every:
         ap.error("--every must be >= 1 and --steps >= --every")
     torch.set_num_threads(1)  # as the gates run
-    c = hook_costs(args.every, args.steps)
-    print(f"every={args.every}: hooks {c.get('unsampled', 0.0):.0f} µs on an unsampled step, "
+    c = hook_costs(args.every, args.steps, args.model, args.files)
+    print(f"{args.model} ({c['tensors']} tensors), every={args.every}: hooks "
+          f"{c.get('unsampled', 0.0):.0f} µs on an unsampled step, "
           f"{c['sampled']:.0f} µs on a sampled one, {c['average']:.0f} µs per step on average; "
-          f"the whole step {c['step_ms']:.2f} ms ({c['average'] / (c['step_ms'] * 10):.2f}%)")
+          f"the whole step {c['step_ms']:.2f} ms "
+          f"({c['average'] / (c['step_ms'] * 10):.2f}%)")
 
 
 if __name__ == "__main__":

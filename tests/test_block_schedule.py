@@ -270,7 +270,7 @@ def test_state_dict_round_trip():
     model2, blocks2 = mlp()
     sched2 = BlockSchedule(torch.optim.AdamW(model2.parameters(), lr=1e-2), blocks2, **kw)
     buf.seek(0)
-    ck = torch.load(buf)  # weights_only: the schedule state is plain data
+    ck = torch.load(buf, weights_only=True)  # the schedule state is plain data
     model2.load_state_dict(ck["model"])
     sched2.load_state_dict(ck["opt"])
     assert sched2.steps == 8 and sched2.relevance() == pytest.approx(ck["opt"]

@@ -259,3 +259,23 @@ def test_health_counts_reach_collectors_on_a_step_that_emits_nothing():
     bus.end_step()
     assert [(e.step, e.value) for e in good.events if e.topic == "probe/collector_errors"] \
         == [(1, 1.0)]
+
+
+def test_alarms_still_get_in_when_ordinary_values_filled_the_buffer():
+    bus = hooks.Bus(max_pending=5)
+    rec = Recorder()
+    bus.subscribe(rec)
+    bus.begin_step(0)
+    for i in range(12):
+        bus.emit("grad/norm", float(i), param=str(i))
+    bus.emit("anomaly/nonfinite", 1.0, param="fc.weight")  # after the flood
+    bus.emit("anomaly/skipped_step", 1.0)
+    for i in range(40):  # the alarms' room is bounded too
+        bus.emit("anomaly/nonfinite", 1.0, param=f"p{i}")
+    bus.end_step()
+    assert rec.values("anomaly/nonfinite", "fc.weight") == [1.0]
+    assert rec.values("anomaly/skipped_step") == [1.0]
+    assert len([e for e in rec.events if e.topic == "grad/norm"]) == 5
+    alarms = [e for e in rec.events if e.topic.startswith("anomaly/")]
+    assert len(alarms) == 16  # max(16, 5 // 16) of room
+    assert bus.dropped_events == 7 + 42 - 16

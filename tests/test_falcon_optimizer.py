@@ -200,7 +200,7 @@ def test_state_dict_round_trip_keeps_masks():
     loaded = Falcon(twin.named_parameters(), mask_interval=5, retain_energy=0.7, total_steps=8,
                     bus=bus)
     buf.seek(0)
-    loaded.load_state_dict(torch.load(buf))
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
     for name, p, q in zip(FILTERABLE, (model[0].weight, model[3].weight),
                           (twin[0].weight, twin[3].weight)):
         mask = loaded.state[q]["mask"]

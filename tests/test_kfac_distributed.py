@@ -72,7 +72,7 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path):
     delta, factors = _step(_model(), x, y)
     assert [f[3] for f in factors.values()] == ["eig", "woodbury", "eig"]
     for r in range(2):
-        got = torch.load(tmp_path / f"{r}.pt")
+        got = torch.load(tmp_path / f"{r}.pt", weights_only=True)
         for d_rank, d_one in zip(got["delta"], delta):
             torch.testing.assert_close(d_rank, d_one, rtol=1e-9, atol=1e-12)
         for name, (A, G, U, policy) in factors.items():

@@ -253,7 +253,7 @@ def test_state_dict_round_trip_is_exact():
 
     fresh = Muon(resumed.named_parameters(), **kw)
     buf.seek(0)
-    fresh.load_state_dict(torch.load(buf))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
     _train(resumed, fresh, 10, seed=8)
     for (n, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), n

@@ -123,3 +123,46 @@ def test_no_file_handle_or_thread_leak_over_1000_attach_close_cycles(tmp_path):
     assert len(os.listdir("/proc/self/fd")) <= fds
     assert threading.active_count() <= threads
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_state_dict_post_hooks
+
+
+def test_background_close_with_a_collector_that_blocks_forever_takes_one_join_timeout():
+    release = threading.Event()
+
+    class Stuck:
+        def handle(self, events):
+            release.wait()  # a write on a dead NFS mount
+
+        def close(self):
+            pass
+
+    bg = Background(Stuck(), max_batches=2, join_timeout=0.5)
+    for _ in range(5):  # one in the worker, two queued, the rest dropped
+        bg.handle([1])
+    t0 = time.monotonic()
+    bg.close()
+    took = time.monotonic() - t0
+    release.set()
+    assert took < 0.9, took  # before: the queue put and the join waited 0.5 s each
+    assert bg.dropped in (2, 3)  # 3 when the worker had not taken the first batch yet
+
+
+def test_background_flush_waits_for_the_queued_batches_and_the_collector_flush():
+    class Slow:
+        def __init__(self):
+            self.got, self.flushed = [], 0
+
+        def handle(self, events):
+            time.sleep(0.02)
+            self.got.extend(events)
+
+        def flush(self):
+            self.flushed += 1
+
+    c = Slow()
+    bg = Background(c)
+    for i in range(10):
+        bg.handle([i])
+    assert bg.flush() is True
+    assert c.got == list(range(10)) and c.flushed == 1
+    bg.close()
+    assert bg.flush() is False  # closed: nothing to wait for

@@ -1,5 +1,5 @@
 """Model shapes users train, for the scale gates: a ResNet-18 for 32x32 images (62 parameter
-tensors) and a 12-layer pre-norm transformer (148 tensors), torch only, CPU-sized widths."""
+tensors) and a 12-layer pre-norm transformer (150 tensors), torch only, CPU-sized widths."""
 
 from __future__ import annotations
 

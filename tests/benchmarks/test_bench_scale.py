@@ -1,5 +1,5 @@
 """Gates: the probe's cost on real model shapes, a ResNet-18 (62 tensors) and a 12-layer
-transformer (148 tensors), AdamW, the default collectors (TensorBoard + JSON lines) writing
+transformer (150 tensors), AdamW, the default collectors (TensorBoard + JSON lines) writing
 into a temporary folder; probed and bare steps interleaved in one process.
 
 At every=1 each timed call is one step (all sampled). At every=10 a timed call is 10 steps,
