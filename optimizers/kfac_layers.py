@@ -22,6 +22,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
         return f"grouped convolution (groups={module.groups})"
     if not module.weight.requires_grad:
         return "frozen weight"
+    if module.weight.numel() == 0:  # a pruned-away layer: no factor to estimate or invert
+        return "zero-size weight"
     return None
 
 

@@ -544,3 +544,27 @@ def test_blocked_gram_equals_numpy(k):
 
     c = np.random.default_rng(k).standard_normal((k, 40))
     np.testing.assert_allclose(gram(torch.tensor(c)).numpy(), c @ c.T, rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_size_linear_gets_plain_sgd_and_the_rest_is_preconditioned():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.empty = nn.Linear(4, 0)  # a layer pruned to nothing
+
+        def forward(self, x):
+            return self.fc(x) + self.empty(x).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = KFAC(net, lr=0.1, bus=hooks.Bus())
+    assert opt.excluded == {"empty": "zero-size weight"}
+    before = net.fc.weight.detach().clone()
+    x = torch.randn(8, 4)
+    net(x).square().sum().backward()
+    opt.step()
+    assert torch.isfinite(net.fc.weight).all() and not torch.equal(net.fc.weight, before)
+    assert net.empty.weight.shape == (0, 4)
+    with pytest.raises(ValueError, match="at least one trainable"):
+        KFAC(nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3)), bus=hooks.Bus())
