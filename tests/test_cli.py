@@ -165,9 +165,12 @@ def test_version_and_sub_command_usage(capsys):
 
 def test_make_targets_name_the_interpreter_commands():
     # `make -n` prints what the targets run, without setting up a venv
-    res = subprocess.run(["make", "-n", "-o", ".venv/.optprobe-installed", "report",
-                          "tensorboard", "RUNS=some/runs"], cwd=ROOT, capture_output=True,
-                         text=True)
+    # under `make test` this make is a sub-make: without the parent's flags and level it
+    # prints no "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    res = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.optprobe-installed",
+                          "report", "tensorboard", "RUNS=some/runs"], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:2] == [
         ".venv/bin/python -m probe report some/runs --plots some/runs/plots",
