@@ -13,21 +13,16 @@ import re
 from collections.abc import Iterable, Mapping
 
 # (category, chart title, topic patterns): one Multiline chart over every tag of the topics.
-# The order here is the order TensorBoard shows the categories in.
+# Each optimizer's own diagnostics come first (the reason to use optprobe), then the generic
+# panels; the order here is the order TensorBoard shows the categories in. A stage-time
+# chart is named after its optimizer: TensorBoard merges same-named categories of several
+# runs, and four charts all titled "stage times" could not be told apart.
 MULTILINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("Step", "step time (ms)", ("step/time_ms",)),
-    ("Step", "stage times (ms)", ("time/*",)),
-    ("Step", "probe overhead (ms)", ("probe/overhead_ms",)),
-    ("Training", "loss", ("train/loss", "eval/loss")),
-    ("Training", "accuracy", ("eval/accuracy",)),
-    ("Updates", "gradient norm", ("grad/norm",)),
-    ("Updates", "parameter norm", ("param/norm",)),
-    ("Updates", "update norm", ("update/norm",)),
-    ("Updates", "update / parameter", ("update/ratio",)),
-    ("Updates", "cos(-update, grad)", ("update/cos_grad",)),
+    ("Muon", "Muon stage times (ms)", ("time/muon/*",)),
     ("Muon", "NS residual ||I - XX^T||_F / sqrt(m)", ("muon/ns_residual",)),
     ("Muon", "NS iterations", ("muon/ns_iters",)),
     ("Muon", "update RMS", ("muon/update_rms",)),
+    ("FALCON", "FALCON stage times (ms)", ("time/falcon/*",)),
     ("FALCON", "mask sparsity", ("falcon/mask_sparsity",)),
     ("FALCON", "retained energy", ("falcon/retained_energy",)),
     ("FALCON", "cos(raw, filtered)", ("falcon/cos_raw_filtered",)),
@@ -35,12 +30,24 @@ MULTILINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("FALCON", "mask recomputed", ("falcon/mask_recomputed",)),
     ("FALCON", "schedule", ("falcon/filtered_fraction", "falcon/retain_target",
                             "falcon/skip_mix")),
-    ("K-FAC", "condition numbers", ("kfac/cond_A", "kfac/cond_G")),
+    ("K-FAC", "K-FAC stage times (ms)", ("time/kfac/*",)),
+    ("K-FAC", "condition numbers, log10", ("kfac/cond_A_log10", "kfac/cond_G_log10")),
     ("K-FAC", "clipped eigenvalues", ("kfac/clipped_A", "kfac/clipped_G")),
     ("K-FAC", "Cholesky jitter", ("kfac/jitter",)),
     ("K-FAC", "tokens behind G", ("kfac/tokens",)),
+    ("Blocks", "Blocks stage times (ms)", ("time/blocks/*",)),
     ("Blocks", "relevance", ("blocks/relevance",)),
     ("Blocks", "active set", ("blocks/active",)),
+    ("Step", "step time (ms)", ("step/time_ms",)),
+    ("Step", "stage times (ms)", ("time/*",)),  # the stages no optimizer panel took
+    ("Step", "probe overhead (ms)", ("probe/overhead_ms",)),
+    ("Training", "loss", ("train/loss", "eval/loss")),
+    ("Training", "accuracy", ("eval/accuracy",)),
+    ("Updates", "gradient norm", ("grad/norm",)),
+    ("Updates", "parameter norm", ("param/norm",)),
+    ("Updates", "update norm", ("update/norm",)),
+    ("Updates", "update / parameter, log10", ("update/ratio_log10",)),
+    ("Updates", "cos(-update, grad)", ("update/cos_grad",)),
     ("System", "GPU utilization (%)", ("gpu/utilization",)),
     ("System", "GPU memory (bytes)", ("gpu/memory_used", "cuda/memory_allocated",
                                       "cuda/max_memory_allocated")),
@@ -51,7 +58,17 @@ MULTILINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Health", "skipped steps", ("anomaly/skipped_step",)),
     ("Health", "dropped events", ("probe/dropped_events",)),
     ("Health", "collector errors", ("probe/collector_errors",)),
+    ("Health", "diagnostic errors", ("probe/diagnostic_errors",)),
 )
+
+# Quantities that span decades across layers (a condition number of 10 next to one of 1e8):
+# the TensorBoard collector also writes log10 of each value under ``<topic>_log10``, and the
+# layout charts that, since Custom Scalars has no log axis.
+LOG10_TOPICS = frozenset({"kfac/cond_A", "kfac/cond_G", "update/ratio"})
+
+# charts whose topic has a model-wide total (the tag ``<topic>``) and per-tensor tags
+# (``<topic>/<param>``): the total gets a chart of its own, before the per-tensor one
+SPLIT_TOTALS = ("Updates",)
 
 # (category, chart title prefix, value topic, lower topic, upper topic): one Margin chart per
 # ``param`` that has all three. The singular-value band has no centre line of its own, so
@@ -83,10 +100,20 @@ def build_layout(tags: Mapping[str, Iterable[str]]) -> dict[str, dict[str, list]
                          f"{type(tags).__name__}")
     tags = {t: set(v) for t, v in tags.items() if v}
     layout: dict[str, dict[str, list]] = {}
+    taken: set[str] = set()  # each tag on one chart: the first one that claims it
     for category, title, patterns in MULTILINE:
-        found = _matching(tags, patterns)
-        if found:
-            layout.setdefault(category, {})[title] = ["Multiline", [_exact(t) for t in found]]
+        found = [t for t in _matching(tags, patterns) if t not in taken]
+        if not found:
+            continue
+        taken.update(found)
+        charts = layout.setdefault(category, {})
+        totals = [t for t in found if t in patterns]
+        if category in SPLIT_TOTALS and totals and len(totals) < len(found):
+            charts[f"{title} (total)"] = ["Multiline", [_exact(t) for t in totals]]
+            charts[f"{title} per tensor"] = ["Multiline", [_exact(t) for t in found
+                                                           if t not in totals]]
+        else:
+            charts[title] = ["Multiline", [_exact(t) for t in found]]
     for category, title, value, lower, upper in MARGIN:
         for v_tag in sorted(tags.get(value, ())):
             suffix = v_tag[len(value):]  # "" or "/<param>"

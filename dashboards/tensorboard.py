@@ -4,12 +4,13 @@ written and the run's hyperparameters."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 import numpy as np
 
-from dashboards.layouts import build_layout
+from dashboards.layouts import LOG10_TOPICS, build_layout
 from hooks import Event, Vector, topics
 
 _HPARAM_TYPES = (bool, int, float, str)
@@ -63,10 +64,26 @@ def _histogram(values: list[float]):
                           bucket_limit=edges[1:].tolist(), bucket=counts.tolist())
 
 
-def _text(tag: str, text: str):
-    from torch.utils.tensorboard.summary import text as text_summary
+def _log10(v: float) -> float:
+    return math.log10(v) if v > 0 and math.isfinite(v) else math.nan
 
-    return text_summary(tag, text)
+
+def _text(tag: str, text: str):
+    """A text Summary under ``tag`` itself (torch's ``summary.text`` appends
+    ``/text_summary``), indented four spaces: TensorBoard renders text as Markdown, which
+    would turn ``in*kh*kw`` into italics and drop table columns; a code block shows it as
+    written, in a fixed-width font."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.text.plugin_data_pb2 import TextPluginData
+
+    literal = "\n".join("    " + line for line in text.split("\n"))
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name="text", content=TextPluginData(version=0).SerializeToString()))
+    tensor = TensorProto(dtype="DT_STRING", string_val=[literal.encode("utf-8")],
+                         tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
 
 
 def check_hparams(hparams: dict | None) -> dict | None:
@@ -129,10 +146,12 @@ class TensorBoard:
                 tags = e.tag_paths()
                 for tag, v in zip(tags, e.values):
                     add(tag=tag, simple_value=v)
-                seen = self.scalar_tags.setdefault(e.topic, set())
-                if not seen.issuperset(tags):
-                    seen.update(tags)
-                    new_tag = True
+                new_tag |= self._seen(e.topic, tags)
+                if e.topic in LOG10_TOPICS:
+                    logs = [f"{e.topic}_log10/{p}" for p in e.params]
+                    for tag, v in zip(logs, e.values):
+                        add(tag=tag, simple_value=_log10(v))
+                    new_tag |= self._seen(e.topic + "_log10", logs)
                 continue
             tag = e.tag_path()
             v = e.value
@@ -150,10 +169,11 @@ class TensorBoard:
                         add(tag=tag, histo=h)
                 else:
                     add(tag=tag, simple_value=v)
-                    seen = self.scalar_tags.setdefault(e.topic, set())
-                    if tag not in seen:
-                        seen.add(tag)
-                        new_tag = True
+                    new_tag |= self._seen(e.topic, (tag,))
+                    if e.topic in LOG10_TOPICS:
+                        log = e.topic + "_log10" + tag[len(e.topic):]
+                        add(tag=log, simple_value=_log10(v))
+                        new_tag |= self._seen(e.topic + "_log10", (log,))
         fw = self.writer._get_file_writer()
         for step, (summary, wall) in by_step.items():
             self._last_step = max(self._last_step, step)
@@ -162,6 +182,14 @@ class TensorBoard:
                 self.summaries_written += 1
         if new_tag:
             self._write_layout()
+
+    def _seen(self, topic: str, tags) -> bool:
+        """Record scalar ``tags`` of ``topic``; True when one is new (the layout may change)."""
+        seen = self.scalar_tags.setdefault(topic, set())
+        if seen.issuperset(tags):
+            return False
+        seen.update(tags)
+        return True
 
     def _write_layout(self) -> None:
         layout = build_layout(self.scalar_tags)

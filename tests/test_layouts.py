@@ -11,7 +11,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 import hooks
 import probe
 from dashboards import TensorBoard
-from dashboards.layouts import build_layout
+from dashboards.layouts import LOG10_TOPICS, build_layout
 
 
 def _written(logdir):
@@ -57,12 +57,14 @@ def test_layout_has_exactly_the_emitted_panels(tmp_path):
     layout, scalars = _written(tmp_path)
     charts = {c.title: {ch.title for ch in c.chart} for c in layout.category}
     assert charts == {
-        "Step": {"step time (ms)", "stage times (ms)"},
-        "Muon": {"NS residual ||I - XX^T||_F / sqrt(m)", "singular values w1",
-                 "singular values w2"},
-        "K-FAC": {"condition numbers", "Cholesky jitter"},
+        "Step": {"step time (ms)"},
+        "Muon": {"Muon stage times (ms)", "NS residual ||I - XX^T||_F / sqrt(m)",
+                 "singular values w1", "singular values w2"},
+        "K-FAC": {"K-FAC stage times (ms)", "condition numbers, log10", "Cholesky jitter"},
         "Health": {"non-finite gradients"},
     }
+    # each optimizer's panel before the generic ones
+    assert [c.title for c in layout.category] == ["Muon", "K-FAC", "Step", "Health"]
     # no family that was not emitted, and the text topics stay out of the scalar layout
     assert not {"FALCON", "Blocks", "System", "Training"} & set(charts)
     # every chart entry names tags that were written, and every scalar tag is on a chart
@@ -79,7 +81,11 @@ def test_layout_has_exactly_the_emitted_panels(tmp_path):
                     hit = {t for t in scalars if re.fullmatch(rx, t)}
                     assert len(hit) == 1, rx
                     covered |= hit
-    assert covered == scalars
+    # a quantity spanning decades is charted as its log10 twin (written beside it)
+    linear_only = {t for t in scalars if t.split("/")[0] + "/" + t.split("/")[1]
+                   in LOG10_TOPICS}
+    assert linear_only == {"kfac/cond_A/fc", "kfac/cond_G/fc"}
+    assert covered == scalars - linear_only
     assert tb.layout == build_layout(tb.scalar_tags)
 
 
@@ -101,7 +107,8 @@ def test_layout_is_rewritten_when_a_tag_appears(tmp_path):
 def test_build_layout_margin_needs_both_bounds_and_user_topics():
     lay = build_layout({"muon/sv_max": {"muon/sv_max/w"}, "user/lr": {"user/lr"},
                         "time/falcon/fft": {"time/falcon/fft"}})
-    assert lay == {"Step": {"stage times (ms)": ["Multiline", [r"^time/falcon/fft$"]]},
+    assert lay == {"FALCON": {"FALCON stage times (ms)": ["Multiline",
+                                                          [r"^time/falcon/fft$"]]},
                    "User": {"lr": ["Multiline", [r"^user/lr$"]]}}
     assert build_layout({}) == {}
     with pytest.raises(ValueError, match="tags must be a mapping"):

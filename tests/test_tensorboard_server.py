@@ -1,0 +1,74 @@
+"""What a person sees through a real TensorBoard server (its HTTP data API on 127.0.0.1):
+text shown as written, under the topic's own tag, and a custom-scalar layout whose charts
+are each optimizer's first, totals before per-tensor lines."""
+
+import json
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import hooks
+from dashboards import TensorBoard
+from probe.tensorboard_cmd import start, stop
+
+ROUTING = ("param          route   shape  in*kh*kw\n"
+           "| fc.weight | muon | 64x32 | 32 |\n"
+           "policy auto_rho*out=1*32")
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tb") / "r0-muon"
+    bus = hooks.Bus()
+    bus.subscribe(TensorBoard(run), "*")
+    tags = [{"param": f"l{i}"} for i in range(3)]
+    for s in range(3):
+        bus.begin_step(s)
+        if s == 0:
+            bus.emit("muon/routing", ROUTING)
+        bus.emit_each("grad/norm", [1.0 + s, 2.0, 3.0], tags)
+        bus.emit("grad/norm", 4.0)
+        bus.emit_each("kfac/cond_A", [10.0, 1e4, 1e8], tags)
+        bus.emit("muon/ns_residual", 0.1, param="l0")
+        bus.emit("time/muon/newton_schulz", 2.0)
+        bus.emit("step/time_ms", 5.0)
+        bus.end_step()
+    bus.close()
+    proc, url = start(run, host="127.0.0.1", port=0, timeout=90)
+    yield url, run.name
+    stop(proc)
+
+
+def test_text_is_under_the_topic_tag_and_renders_as_written(server):
+    url, run = server
+    tags = _get(url + "data/plugin/text/tags")
+    assert tags[run] == ["muon/routing"]  # not muon/routing/text_summary
+    q = urllib.parse.urlencode({"run": run, "tag": "muon/routing"})
+    (item,) = _get(url + "data/plugin/text/text?" + q)
+    html = item["text"]
+    assert "<pre><code>" in html and "<em>" not in html  # a code block, no italics
+    for piece in ("in*kh*kw", "| fc.weight | muon | 64x32 | 32 |", "auto_rho*out=1*32"):
+        assert piece in html, piece
+
+
+def test_layout_puts_the_optimizer_first_and_totals_before_tensors(server):
+    url, run = server
+    layout = _get(url + "data/plugin/custom_scalars/layout")
+    titles = [c["title"] for c in layout["category"]]
+    assert titles.index("Muon") < titles.index("Step") and titles.index("K-FAC") < \
+        titles.index("Updates")
+    charts = {c["title"]: [ch["title"] for ch in c["chart"]] for c in layout["category"]}
+    assert charts["Muon"][0] == "Muon stage times (ms)"
+    ups = charts["Updates"]
+    assert ups.index("gradient norm (total)") < ups.index("gradient norm per tensor")
+    assert "condition numbers, log10" in charts["K-FAC"]
+    # the log10 series TensorBoard serves are the log10 of the written values
+    q = urllib.parse.urlencode({"run": run, "tag": "kfac/cond_A_log10/l2"})
+    assert [round(v, 6) for _, _, v in _get(url + "data/plugin/scalars/scalars?" + q)] == \
+        [8.0, 8.0, 8.0]
