@@ -110,16 +110,13 @@ class _Column:
         self.count += 1
         self.step = step
         self.last = v
-        if bad.any():
+        lo = hi = v
+        if bad.any():  # NaN/Inf count apart and stay out of sum, min and max
             self.nonfinite += bad
-            v = np.where(bad, 0.0, v)
-            self.sum += v
-            np.fmin(self.min, np.where(bad, np.inf, v), out=self.min)
-            np.fmax(self.max, np.where(bad, -np.inf, v), out=self.max)
-        else:
-            self.sum += v
-            np.fmin(self.min, v, out=self.min)
-            np.fmax(self.max, v, out=self.max)
+            lo, hi, v = np.where(bad, np.inf, v), np.where(bad, -np.inf, v), np.where(bad, 0.0, v)
+        self.sum += v
+        np.fmin(self.min, lo, out=self.min)
+        np.fmax(self.max, hi, out=self.max)
 
     def fold_into(self, stats: dict[str, dict]) -> None:
         if not self.count:

@@ -128,7 +128,6 @@ class TensorBoard:
                                   filename_suffix=filename_suffix)
         self.scalar_tags: dict[str, set[str]] = {}
         self.layout: dict[str, dict[str, list]] = {}
-        self.summaries_written = 0
         self._last_step = 0
         self._closed = False
 
@@ -143,15 +142,7 @@ class TensorBoard:
                 entry = by_step[e.step] = (Summary(), e.wall_time)
             add = entry[0].value.add
             if type(e) is Vector:
-                tags = e.tag_paths()
-                for tag, v in zip(tags, e.values):
-                    add(tag=tag, simple_value=v)
-                new_tag |= self._seen(e.topic, tags)
-                if e.topic in LOG10_TOPICS:
-                    logs = [f"{e.topic}_log10/{p}" for p in e.params]
-                    for tag, v in zip(logs, e.values):
-                        add(tag=tag, simple_value=_log10(v))
-                    new_tag |= self._seen(e.topic + "_log10", logs)
+                new_tag |= self._scalars(add, e.topic, e.tag_paths(), e.values)
                 continue
             tag = e.tag_path()
             v = e.value
@@ -168,20 +159,28 @@ class TensorBoard:
                     if h is not None:
                         add(tag=tag, histo=h)
                 else:
-                    add(tag=tag, simple_value=v)
-                    new_tag |= self._seen(e.topic, (tag,))
-                    if e.topic in LOG10_TOPICS:
-                        log = e.topic + "_log10" + tag[len(e.topic):]
-                        add(tag=log, simple_value=_log10(v))
-                        new_tag |= self._seen(e.topic + "_log10", (log,))
+                    new_tag |= self._scalars(add, e.topic, (tag,), (v,))
         fw = self.writer._get_file_writer()
         for step, (summary, wall) in by_step.items():
             self._last_step = max(self._last_step, step)
             if summary.value:
                 fw.add_summary(summary, step, wall or None)
-                self.summaries_written += 1
         if new_tag:
             self._write_layout()
+
+    def _scalars(self, add, topic: str, tags, values) -> bool:
+        """Add scalar ``values`` under ``tags`` (and their log10 twins for a topic spanning
+        decades); True when a tag is new (the layout may change)."""
+        for tag, v in zip(tags, values):
+            add(tag=tag, simple_value=v)
+        new = self._seen(topic, tags)
+        if topic in LOG10_TOPICS:
+            n = len(topic)
+            logs = [f"{topic}_log10{t[n:]}" for t in tags]
+            for tag, v in zip(logs, values):
+                add(tag=tag, simple_value=_log10(v))
+            new |= self._seen(topic + "_log10", logs)
+        return new
 
     def _seen(self, topic: str, tags) -> bool:
         """Record scalar ``tags`` of ``topic``; True when one is new (the layout may change)."""

@@ -65,8 +65,6 @@ class Vector:
                 "params": self.params, "tags": self.tags, "wall_time": self.wall_time}
 
 
-Record = Event | Vector
-
 
 def expand(records: list) -> list[Event]:
     """``records`` with every Vector replaced by its Events (order kept)."""

@@ -315,7 +315,8 @@ class Probe:
             keys = [module_of(t["param"]) if self.per == "module" else "" for t in tags]
             order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
             idx = [order[k] for k in keys]
-            self._groups = (torch.tensor(idx), idx, [{"param": k} if k else {} for k in order])
+            self._groups = (torch.tensor(idx, device=self.bus.device), idx,
+                            [{"param": k} if k else {} for k in order])
         return self._groups
 
     # -- the hooks -----------------------------------------------------------------------

@@ -12,18 +12,7 @@ import contextlib
 import torch
 
 from optimizers import Muon
-
-
-@contextlib.contextmanager
-def torch_muon_in_fp32():
-    """torch.optim.Muon casts to bf16 (``grad.bfloat16()``) inside Newton-Schulz; redirect
-    that cast to fp32 so both run the same precision."""
-    orig = torch.Tensor.bfloat16
-    torch.Tensor.bfloat16 = lambda self, *a, **k: self.to(torch.float32, copy=True)
-    try:
-        yield
-    finally:
-        torch.Tensor.bfloat16 = orig
+from tests.test_muon import torch_muon_in_fp32  # the tests' fp32 redirect, one copy
 
 
 def max_diff(shapes: list[tuple[int, int]], ns_dtype: str, torch_fp32: bool,
