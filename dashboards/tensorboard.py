@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
+from dashboards.hparams import check_hparams, hparams_summaries
 from dashboards.layouts import LOG10_TOPICS, build_layout
 from hooks import Event, Vector, topics
 
-_HPARAM_TYPES = (bool, int, float, str)
 _METRICS = ("eval/accuracy", "eval/loss", "train/loss")
 
 
@@ -84,20 +84,6 @@ def _text(tag: str, text: str):
     tensor = TensorProto(dtype="DT_STRING", string_val=[literal.encode("utf-8")],
                          tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
     return Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
-
-
-def check_hparams(hparams: dict | None) -> dict | None:
-    """``hparams`` unchanged if it maps str names to bool/int/float/str; else ValueError."""
-    if hparams is None:
-        return None
-    if not isinstance(hparams, dict):
-        raise ValueError(f"hparams must be a dict of str to bool/int/float/str or None, "
-                         f"got {type(hparams).__name__}")
-    for k, v in hparams.items():
-        if not isinstance(k, str) or not isinstance(v, _HPARAM_TYPES):
-            raise ValueError(f"hparams must map str names to bool/int/float/str values, "
-                             f"got {k!r}: {v!r}")
-    return dict(hparams)
 
 
 class TensorBoard:
@@ -200,13 +186,11 @@ class TensorBoard:
             self.layout = layout
 
     def _write_hparams(self) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
         # written into this run (not a sub-run as add_hparams does) so the metrics are the
         # run's own scalar series
-        metrics = {m: 0.0 for m in _METRICS if m in self.scalar_tags}
+        metrics = [m for m in _METRICS if m in self.scalar_tags]
         fw = self.writer._get_file_writer()
-        for s in hparams(self.hparams, metrics):
+        for s in hparams_summaries(self.hparams, metrics):
             fw.add_summary(s, self._last_step)
 
     def flush(self) -> None:

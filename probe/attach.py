@@ -15,7 +15,7 @@ import torch
 
 import hooks
 from dashboards import Background, JSONLines, Profiler, Summary, TensorBoard
-from dashboards.tensorboard import check_hparams
+from dashboards.hparams import check_hparams
 from probe import distributed
 from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler

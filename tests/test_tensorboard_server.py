@@ -1,8 +1,11 @@
 """What a person sees through a real TensorBoard server (its HTTP data API on 127.0.0.1):
 text shown as written, under the topic's own tag, and a custom-scalar layout whose charts
-are each optimizer's first, totals before per-tensor lines."""
+are each optimizer's first, totals before per-tensor lines, hparams shown as given; and, where
+chromium is installed, the pages as a browser draws them."""
 
 import json
+import shutil
+import subprocess
 import urllib.parse
 import urllib.request
 
@@ -15,6 +18,7 @@ from probe.tensorboard_cmd import start, stop
 ROUTING = ("param          route   shape  in*kh*kw\n"
            "| fc.weight | muon | 64x32 | 32 |\n"
            "policy auto_rho*out=1*32")
+HPARAMS = {"optimizer": "muon", "lr": 0.01, "steps": 100000, "nesterov": True}
 
 
 def _get(url):
@@ -22,11 +26,18 @@ def _get(url):
         return json.loads(r.read())
 
 
+def _post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={
+        "Content-Type": "application/json", "X-XSRF-Protected": "1"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run = tmp_path_factory.mktemp("tb") / "r0-muon"
     bus = hooks.Bus()
-    bus.subscribe(TensorBoard(run), "*")
+    bus.subscribe(TensorBoard(run, hparams=HPARAMS), "*")
     tags = [{"param": f"l{i}"} for i in range(3)]
     for s in range(3):
         bus.begin_step(s)
@@ -38,6 +49,7 @@ def server(tmp_path_factory):
         bus.emit("muon/ns_residual", 0.1, param="l0")
         bus.emit("time/muon/newton_schulz", 2.0)
         bus.emit("step/time_ms", 5.0)
+        bus.emit("train/loss", 1.0 / (s + 1))
         bus.end_step()
     bus.close()
     proc, url = start(run, host="127.0.0.1", port=0, timeout=90)
@@ -72,3 +84,55 @@ def test_layout_puts_the_optimizer_first_and_totals_before_tensors(server):
     q = urllib.parse.urlencode({"run": run, "tag": "kfac/cond_A_log10/l2"})
     assert [round(v, 6) for _, _, v in _get(url + "data/plugin/scalars/scalars?" + q)] == \
         [8.0, 8.0, 8.0]
+
+
+def test_hparams_keep_their_types(server):
+    url, run = server
+    exp = _post(url + "data/plugin/hparams/experiment", {"experimentName": ""})
+    types = {h["name"]: h["type"] for h in exp["hparamInfos"]}
+    assert types == {"optimizer": "DATA_TYPE_STRING", "lr": "DATA_TYPE_FLOAT64",
+                     "steps": "DATA_TYPE_STRING", "nesterov": "DATA_TYPE_BOOL"}
+    assert [m["name"]["tag"] for m in exp["metricInfos"]] == ["train/loss"]
+    groups = _post(url + "data/plugin/hparams/session_groups", {
+        "experimentName": "", "allowedStatuses": ["STATUS_SUCCESS"], "colParams": [],
+        "startIndex": 0, "sliceSize": 10})
+    (group,) = groups["sessionGroups"]
+    # TensorBoard's table prints numbers with 5 significant digits: 100000 would be 1.0000e+5
+    assert group["hparams"] == {"optimizer": "muon", "lr": 0.01, "steps": "100000",
+                                "nesterov": True}
+    assert group["metricValues"][0]["value"] == pytest.approx(1 / 3)
+
+
+def _screenshot(url, path):
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                    "--window-size=1200,800", "--virtual-time-budget=15000",
+                    f"--screenshot={path}", url], capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("L").copy()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt install "
+                    "chromium) for the screenshot check")
+@pytest.mark.parametrize("dashboard", ["text", "custom_scalars", "hparams"])
+def test_a_browser_draws_each_dashboard(server, tmp_path, dashboard):
+    """Each dashboard drawn with this run differs from the same dashboard with no data
+    (TensorBoard's 'No ... data was found' page) over a real part of the page."""
+    import numpy as np
+
+    url, _ = server
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc, empty_url = start(empty, host="127.0.0.1", port=0, timeout=90)
+    try:
+        blank = np.asarray(_screenshot(empty_url + "#" + dashboard, tmp_path / "blank.png"))
+    finally:
+        stop(proc)
+    shot = np.asarray(_screenshot(url + "#" + dashboard, tmp_path / f"{dashboard}.png"))
+    assert shot.shape == blank.shape == (800, 1200)
+    differs = np.abs(shot.astype(int) - blank.astype(int)) > 32
+    assert differs[100:].mean() > 0.005, f"{dashboard}: the page looks empty"
