@@ -6,48 +6,15 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import numpy as np
 
+from dashboards.event_writer import GuardedWriter
 from dashboards.hparams import check_hparams, hparams_summaries
 from dashboards.layouts import LOG10_TOPICS, build_layout
 from hooks import Event, Vector, topics
 
 _METRICS = ("eval/accuracy", "eval/loss", "train/loss")
-
-
-def _event_file(writer) -> str | None:
-    # tensorboard's EventFileWriter keeps its path in a private attribute; absent, skip the check
-    ev = getattr(writer._get_file_writer(), "event_writer", None)
-    return getattr(ev, "_file_name", None)
-
-
-def _read_out_of_order(path: str) -> bool:
-    """True when TensorBoard, reading event files in name order, would read ``path`` before
-    an older file of the same folder (``...<second>.<host>.<pid>.10`` sorts before ``.9``)."""
-    folder, base = os.path.split(path)
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return False
-    return any(n > base for n in names if n.startswith("events.out.tfevents.") and n != base)
-
-
-def open_writer(logdir: str, **kwargs):
-    """A SummaryWriter whose event file TensorBoard reads after the folder's earlier ones, so
-    a resumed run's steps never come first (TensorBoard would purge the older steps)."""
-    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it lazy
-
-    writer = SummaryWriter(log_dir=logdir, **kwargs)
-    path = _event_file(writer)
-    if path and _read_out_of_order(path):  # rare: same second, counter gained a digit
-        writer.close()
-        os.remove(path)
-        now = time.time()
-        time.sleep(int(now) + 1 - now + 1e-3)  # the next second sorts after every older file
-        writer = SummaryWriter(log_dir=logdir, **kwargs)
-    return writer
 
 
 def _histogram(values: list[float]):
@@ -102,26 +69,38 @@ class TensorBoard:
 
     def __init__(self, logdir: str | os.PathLike, flush_secs: int = 10,
                  filename_suffix: str = "", hparams: dict | None = None,
-                 max_queue: int = 1024) -> None:
+                 max_queue: int = 1024, retry_secs: float = 5.0) -> None:
         if not isinstance(flush_secs, int) or flush_secs < 1:
             raise ValueError(f"flush_secs must be an int >= 1, got {flush_secs!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+        if isinstance(retry_secs, bool) or not isinstance(retry_secs, (int, float)) or \
+                not 0 <= retry_secs < math.inf:
+            raise ValueError(f"retry_secs must be a finite number >= 0, got {retry_secs!r}")
         self.hparams = check_hparams(hparams)
         self.logdir = os.fspath(logdir)
         # a deep queue: the writer thread drains it, the training side never waits on it
-        self.writer = open_writer(self.logdir, flush_secs=flush_secs, max_queue=max_queue,
-                                  filename_suffix=filename_suffix)
+        self._out = GuardedWriter(self.logdir, retry_secs, flush_secs=flush_secs,
+                                  max_queue=max_queue, filename_suffix=filename_suffix)
         self.scalar_tags: dict[str, set[str]] = {}
         self.layout: dict[str, dict[str, list]] = {}
         self._last_step = 0
         self._closed = False
 
+    @property
+    def writer(self):
+        """The SummaryWriter of the event file being written now."""
+        return self._out.writer
+
     def handle(self, events: list[Event | Vector]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
+        # a fresh file after a failed write needs the layout again; while the folder takes
+        # no writes this raises, and the bus counts the lost batch
+        new_tag = self._out.check()
+        if new_tag:
+            self.layout = {}
         by_step: dict[int, tuple[Summary, float]] = {}
-        new_tag = False
         for e in events:
             entry = by_step.get(e.step)
             if entry is None:
@@ -146,7 +125,7 @@ class TensorBoard:
                         add(tag=tag, histo=h)
                 else:
                     new_tag |= self._scalars(add, e.topic, (tag,), (v,))
-        fw = self.writer._get_file_writer()
+        fw = self._out.file_writer
         for step, (summary, wall) in by_step.items():
             self._last_step = max(self._last_step, step)
             if summary.value:
@@ -182,14 +161,14 @@ class TensorBoard:
             from torch.utils.tensorboard.summary import custom_scalars
 
             # the step keeps the layout records in order: TensorBoard reads the last one
-            self.writer._get_file_writer().add_summary(custom_scalars(layout), self._last_step)
+            self._out.file_writer.add_summary(custom_scalars(layout), self._last_step)
             self.layout = layout
 
     def _write_hparams(self) -> None:
         # written into this run (not a sub-run as add_hparams does) so the metrics are the
         # run's own scalar series
         metrics = [m for m in _METRICS if m in self.scalar_tags]
-        fw = self.writer._get_file_writer()
+        fw = self._out.file_writer
         for s in hparams_summaries(self.hparams, metrics):
             fw.add_summary(s, self._last_step)
 
@@ -201,6 +180,10 @@ class TensorBoard:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._out.check()  # a disk that has space again gets the hparams in a new file
+        except OSError:
+            pass
         if self.hparams:
             self._write_hparams()
         self.writer.close()

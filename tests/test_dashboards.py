@@ -71,7 +71,7 @@ def test_summary_aggregates():
 
 def test_event_files_of_one_folder_sort_in_creation_order(tmp_path):
     # TensorBoard reads event files in name order; a resumed run must come after the first
-    from dashboards.tensorboard import _event_file
+    from dashboards.event_writer import _event_file
 
     made = []
     for _ in range(30):

@@ -14,7 +14,7 @@ from torch import nn
 
 import hooks
 import probe
-from dashboards import JSONLines, read_events
+from dashboards import JSONLines, TensorBoard, event_writer, read_events
 from probe.names import safe_name
 from tests.helpers import Recorder
 
@@ -343,3 +343,50 @@ def test_read_events_never_evaluates_what_it_reads(tmp_path):
     assert [r["step"] for r in good] == [0]
     assert [n for n, _ in bad] == [2, 3, 4, 5]  # every refusal is reported with its line
     assert not flag.exists()
+
+
+def test_tensorboard_recovers_after_a_full_disk(tmp_path, monkeypatch, capfd):
+    """Writes fail with ENOSPC (the last record torn) for steps 10-19, then the disk has room
+    again: every later step is in TensorBoard's view of the run, the lost batches are counted,
+    and no writer thread prints a traceback."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    real = gfile.LocalFileSystem._write
+    full = {"on": False}
+
+    def write(self, filename, content, mode):
+        if full["on"]:
+            with open(filename, mode) as f:  # half a record reaches the disk
+                f.write(bytes(content)[: len(content) // 2])
+            raise OSError(28, "No space left on device")
+        return real(self, filename, content, mode)
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "_write", write)
+    # the folder check before a new file sees the same full disk
+    monkeypatch.setattr(event_writer, "_takes_writes", lambda folder: not full["on"])
+    tb = TensorBoard(tmp_path, flush_secs=1, retry_secs=0)
+    bus = hooks.Bus()
+    bus.subscribe(tb, "*")
+    for s in range(40):
+        full["on"] = 10 <= s < 20
+        bus.begin_step(s)
+        bus.emit("train/loss", float(s))
+        bus.end_step()
+        tb.flush()
+    bus.close()
+    assert tb._out.reopened >= 1 and bus.collector_errors >= 1
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert set(range(10)) <= set(steps) and set(range(21, 40)) <= set(steps), steps
+    assert "train/loss" in acc.Tags()["scalars"]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("optprobe: collector TensorBoard") == 1
+
+
+def test_the_write_check_leaves_nothing_and_fails_where_nothing_can_be_written(tmp_path):
+    assert event_writer._takes_writes(str(tmp_path / "made-again"))
+    assert os.listdir(tmp_path / "made-again") == []
+    (tmp_path / "a-file").write_text("x")
+    assert not event_writer._takes_writes(str(tmp_path / "a-file" / "run"))
