@@ -5,7 +5,30 @@ read-only disk by switching to a fresh file once the folder takes writes again."
 from __future__ import annotations
 
 import os
+import struct
 import time
+
+try:  # C CRC-32C: tensorboard's own is a Python loop over every byte, holding the GIL
+    from google_crc32c import value as _crc32c
+except ImportError:  # pragma: no cover - a dependency; tensorboard's stays correct
+    _crc32c = None
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The masked CRC-32C TFRecord framing puts after a record's length and data."""
+    if _crc32c is None:
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as py
+
+        return py(data)
+    c = _crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame(data: bytes) -> bytes:
+    """``data`` as one TFRecord: length, its masked CRC, the data, its masked CRC."""
+    header = struct.pack("<Q", len(data))
+    return b"".join((header, struct.pack("<I", masked_crc32c(header)), data,
+                     struct.pack("<I", masked_crc32c(data))))
 
 
 def _event_file(writer) -> str | None:
@@ -42,20 +65,24 @@ def open_writer(logdir: str, **kwargs):
 
 
 class _Records:
-    """Stands in for the RecordWriter that tensorboard's writer thread writes through: the
-    first failed write (ENOSPC, EROFS, a deleted folder) is kept in ``error`` instead of
-    killing that thread with a traceback, and every later record is dropped (``dropped``):
-    the file may end in a torn record, so nothing more goes into it."""
+    """Stands in for the RecordWriter that tensorboard's writer thread writes through. It
+    frames records with a C CRC, and the first failed write (ENOSPC, EROFS, a deleted folder)
+    is kept in ``error`` instead of killing that thread with a traceback; every later record
+    is dropped (``dropped``): the file may end in a torn record, so nothing more goes in."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
+        self._file = getattr(inner, "_writer", None)  # the GFile the RecordWriter frames into
         self.error: BaseException | None = None
         self.dropped = 0
 
     def write(self, data: bytes) -> None:
         if self.error is None:
             try:
-                self.inner.write(data)
+                if self._file is None:
+                    self.inner.write(data)
+                else:
+                    self._file.write(frame(data))
                 return
             except Exception as exc:  # the thread must live: its death is a traceback
                 self.error = exc

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-from hooks import Event, Vector
+from dashboards.histograms import bins
+from hooks import Event, Vector, topics
 
 
 class JSONLines:
@@ -18,7 +19,9 @@ class JSONLines:
     process killed mid-run leaves whole lines behind except possibly the last. A failed write
     (a full disk) raises to the bus, which counts it; the next write that succeeds first ends
     the line the failure may have torn, so every later line is whole again. NaN and Inf are
-    written as the JSON extensions ``NaN``/``Infinity`` that Python's json reads back.
+    written as the JSON extensions ``NaN``/``Infinity`` that Python's json reads back. A
+    histogram topic's sampled values are written as their buckets (``dashboards.histograms.
+    bins``: min, max, num, sum, sum_squares, limits, counts), not value by value.
     """
 
     name = "JSONLines"
@@ -40,8 +43,8 @@ class JSONLines:
         if self._file.closed:
             return
         run = self.run_id
-        dicts = (e.to_dict() for e in events) if run is None else \
-            ({**e.to_dict(), "run": run} for e in events)
+        dicts = (_line(e) for e in events) if run is None else \
+            ({**_line(e), "run": run} for e in events)
         text = "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in dicts)
         data = memoryview(("\n" + text if self._torn else text).encode("utf-8"))
         self._torn = True
@@ -53,6 +56,15 @@ class JSONLines:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def _line(e: Event | Vector) -> dict:
+    d = e.to_dict()
+    if type(e) is Event and isinstance(e.value, list):
+        row = topics.lookup(e.topic)
+        if row is not None and row.kind == topics.HISTOGRAM:
+            d["value"] = bins(e.value)
+    return d
 
 
 def read_events(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, str]]]:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
-
 from dashboards.event_writer import GuardedWriter
+from dashboards.histograms import bins
 from dashboards.hparams import check_hparams, hparams_summaries
 from dashboards.layouts import LOG10_TOPICS, build_layout
 from hooks import Event, Vector, topics
@@ -17,18 +16,16 @@ from hooks import Event, Vector, topics
 _METRICS = ("eval/accuracy", "eval/loss", "train/loss")
 
 
-def _histogram(values: list[float]):
-    """A HistogramProto of the finite ``values`` (30 equal-width buckets), None if none."""
+def _histogram(values):
+    """A HistogramProto of the finite ``values`` (:func:`bins`), None if none is finite."""
     from tensorboard.compat.proto.summary_pb2 import HistogramProto
 
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if not v.size:
+    h = bins(values)
+    if h is None:
         return None
-    counts, edges = np.histogram(v, bins=30 if v.min() < v.max() else 1)
-    return HistogramProto(min=float(v.min()), max=float(v.max()), num=float(v.size),
-                          sum=float(v.sum()), sum_squares=float(np.dot(v, v)),
-                          bucket_limit=edges[1:].tolist(), bucket=counts.tolist())
+    return HistogramProto(min=h["min"], max=h["max"], num=h["num"], sum=h["sum"],
+                          sum_squares=h["sum_squares"], bucket_limit=h["limits"],
+                          bucket=h["counts"])
 
 
 def _log10(v: float) -> float:

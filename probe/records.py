@@ -14,6 +14,7 @@ import math
 import os
 
 from dashboards import read_events
+from hooks import topics
 
 # steps are int64 in TensorBoard's protos; a wider one cannot be a real step counter
 _STEP_LIMIT = 2**63
@@ -58,9 +59,35 @@ def _number(v: object) -> float | None:
         return None
 
 
+_HIST_NUMBERS = ("min", "max", "num", "sum", "sum_squares")
+
+
+def _buckets(raw: dict) -> dict | None:
+    """A histogram's buckets (as JSONLines writes them) with numbers checked, else None."""
+    out: dict = {}
+    for k in _HIST_NUMBERS:
+        out[k] = _number(raw.get(k))
+        if out[k] is None:
+            return None
+    for k in ("limits", "counts"):
+        vals = raw.get(k)
+        if not isinstance(vals, list):
+            return None
+        out[k] = [_number(x) for x in vals]
+        if any(x is None for x in out[k]):
+            return None
+    return out if len(out["limits"]) == len(out["counts"]) else None
+
+
+def _histogram_topic(topic: str) -> bool:
+    row = topics.lookup(topic)
+    return row is not None and row.kind == topics.HISTOGRAM
+
+
 def clean(rec: object) -> tuple[dict | None, str]:
     """(the record normalised, "") or (None, why it cannot be used). Normalised: ``topic`` a
-    str, ``step`` an int, ``value`` a float, a str or a list of floats, ``tags`` a dict whose
+    str, ``step`` an int, ``value`` a float, a str, a list of floats or (a histogram topic)
+    its buckets or None (no finite value), ``tags`` a dict whose
     ``param`` (if any) is a str, ``wall_time`` a finite float or None."""
     if not isinstance(rec, dict):
         return None, "not a JSON object"
@@ -78,6 +105,12 @@ def clean(rec: object) -> tuple[dict | None, str]:
         if any(x is None for x in nums):
             return None, "value list holds a non-number"
         value = nums
+    elif isinstance(raw, dict) and _histogram_topic(topic):
+        value = _buckets(raw)
+        if value is None:
+            return None, "value object is not histogram buckets"
+    elif raw is None and _histogram_topic(topic):
+        value = None
     else:
         value = _number(raw)
         if value is None:

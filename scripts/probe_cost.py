@@ -1,12 +1,13 @@
 """Where the probe's overhead goes inside real training steps, AdamW on the gate's small CNN
-(8 tensors), a ResNet-18 (62) or a 12-layer transformer (150).
+(8 tensors), a ResNet-18 (62), a 12-layer transformer (150) or 5,000 small tensors.
 
 Times the probe's own pre- and post-step hooks (median µs, unsampled and sampled steps apart)
 and the average per step at ``every``; the gates (`make bench`) measure the same overhead as
 a ratio of whole steps, which is noisier. ``--files`` writes TensorBoard + JSON lines into a
 temporary folder (their encoding runs on worker threads, outside the hooks). Run from the
 repository root:
-``PYTHONPATH=. python scripts/probe_cost.py [--model cnn|resnet18|transformer12] [--every 10]
+``PYTHONPATH=. python scripts/probe_cost.py [--model cnn|resnet18|transformer12|wide5000]
+[--every 10]
 [--steps 500] [--files]``.
 """
 
@@ -19,14 +20,22 @@ import time
 
 import torch
 
-from probe.gates import probed_step_callable
+from probe.gates import probed_step_callable, step_callable
 from tests.benchmarks.conftest import small_cnn
-from tests.benchmarks.scale_models import ResNet18, Transformer, resnet_batch, transformer_batch
+from tests.benchmarks.scale_models import (
+    ResNet18,
+    Transformer,
+    Wide,
+    resnet_batch,
+    transformer_batch,
+    wide_batch,
+)
 
 MODELS = {
     "cnn": (small_cnn, lambda: (torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,)))),
     "resnet18": (ResNet18, resnet_batch),
     "transformer12": (Transformer, transformer_batch),
+    "wide5000": (Wide, wide_batch),
 }
 
 
@@ -38,8 +47,18 @@ def hook_costs(every: int, steps: int, model_name: str = "cnn",
     model = make()
     x, y = batch()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bare = step_callable(model, opt, x, y)
+    for _ in range(5):
+        bare()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        bare()
+    bare_ms = (time.perf_counter() - t0) / steps * 1e3
     where = {"logdir": tempfile.mkdtemp(prefix="probe-cost-")} if files else {"collectors": []}
     step, p = probed_step_callable(model, opt, x, y, every=every, **where)
+    t0 = time.perf_counter()
+    step()  # the first probed step: names, buffers and files are made here
+    first_ms = (time.perf_counter() - t0) * 1e3
     times: dict[str, list[float]] = {"unsampled": [], "sampled": []}
     pending = [0.0, False]
 
@@ -69,6 +88,8 @@ def hook_costs(every: int, steps: int, model_name: str = "cnn",
     out = {k: statistics.median(v) * 1e6 for k, v in times.items() if v}
     out["average"] = (out.get("unsampled", 0.0) * (every - 1) + out["sampled"]) / every
     out["step_ms"] = step_ms
+    out["bare_ms"] = bare_ms
+    out["first_ms"] = first_ms
     out["tensors"] = len(list(model.parameters()))
     return out
 
@@ -88,8 +109,9 @@ def main() -> None:
     print(f"{args.model} ({c['tensors']} tensors), every={args.every}: hooks "
           f"{c.get('unsampled', 0.0):.0f} µs on an unsampled step, "
           f"{c['sampled']:.0f} µs on a sampled one, {c['average']:.0f} µs per step on average; "
-          f"the whole step {c['step_ms']:.2f} ms "
-          f"({c['average'] / (c['step_ms'] * 10):.2f}%)")
+          f"the whole step {c['step_ms']:.2f} ms ({c['average'] / (c['step_ms'] * 10):.2f}%) "
+          f"against {c['bare_ms']:.2f} ms bare ({c['step_ms'] / c['bare_ms']:.2f}x); "
+          f"the first probed step {c['first_ms']:.0f} ms")
 
 
 if __name__ == "__main__":

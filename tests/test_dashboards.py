@@ -79,3 +79,49 @@ def test_event_files_of_one_folder_sort_in_creation_order(tmp_path):
         made.append(_event_file(tb.writer).rsplit("/", 1)[-1])
         tb.close()
     assert sorted(made) == made
+
+
+def test_event_records_are_framed_as_tensorboard_frames_them():
+    """The C CRC framing equals tensorboard's own RecordWriter byte for byte."""
+    import io
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from dashboards.event_writer import frame
+
+    for data in (b"", b"x", bytes(range(256)) * 41):
+        buf = io.BytesIO()
+        RecordWriter(buf).write(data)
+        assert frame(data) == buf.getvalue()
+
+
+def test_histograms_are_written_as_their_buckets_in_both_files(tmp_path):
+    """JSON lines and TensorBoard hold the same 30 buckets, numpy's histogram of the finite
+    values; an all-NaN sample is written as null (no buckets)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sample = rng.normal(size=1024).tolist() + [float("nan"), float("inf")]
+    events = [Event("grad/hist", 0, sample, {"param": "w"}, 1.0),
+              Event("grad/hist", 1, [float("nan")] * 3, {"param": "w"}, 2.0)]
+    jl = JSONLines(tmp_path / "events.jsonl")
+    jl.handle(events)
+    jl.close()
+    tb = TensorBoard(tmp_path)
+    tb.handle(events)
+    tb.close()
+    (rec, empty), bad = read_events(tmp_path / "events.jsonl")
+    assert not bad and empty["value"] is None
+    finite = np.asarray(sample[:1024])
+    counts, edges = np.histogram(finite, bins=30)
+    h = rec["value"]
+    assert h["counts"] == counts.tolist() and h["num"] == 1024
+    np.testing.assert_allclose(h["limits"], edges[1:])
+    assert (h["min"], h["max"]) == (finite.min(), finite.max())
+    assert h["sum_squares"] == pytest.approx(float(finite @ finite))
+    assert len((tmp_path / "events.jsonl").read_text().splitlines()[0]) < 2000
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    (only,) = acc.Histograms("grad/hist/w")  # the all-NaN step has nothing to show
+    assert list(only.histogram_value.bucket) == h["counts"]
+    np.testing.assert_allclose(list(only.histogram_value.bucket_limit), h["limits"])

@@ -45,6 +45,8 @@ HOSTILE = [
     ("value 10**400", '{"topic":"train/loss","step":1,"value":1' + "0" * 400 + "}", "record"),
     ("value dict", '{"topic":"train/loss","step":1,"value":{"a":1}}', "record"),
     ("value list of str", '{"topic":"grad/hist","step":1,"value":[1,"a"]}', "record"),
+    ("buckets of a scalar", '{"topic":"train/loss","step":1,"value":{"min":1}}', "record"),
+    ("torn buckets", '{"topic":"grad/hist","step":1,"value":{"min":1,"max":2}}', "record"),
     ("a JSON array", "[1, 2, 3]", "line"),
     ("truncated", '{"topic":"train/loss","step":1,"va', "line"),
     ("deep nesting", "[" * 100_000 + "]" * 100_000, "line"),

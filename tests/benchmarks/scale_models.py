@@ -80,3 +80,20 @@ def transformer_batch(n: int = 8, context: int = 64, vocab: int = 512, seed: int
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab, (n, context + 1), generator=g)
     return idx[:, :-1], idx[:, 1:].reshape(-1)
+
+
+class Wide(nn.Module):
+    """``tensors`` parameter tensors in ``tensors // 2`` small Linear layers, each applied to
+    the input and summed: the number of tensors of a large model at a CPU-sized cost."""
+
+    def __init__(self, tensors: int = 5000, d: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, classes) for _ in range(tensors // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(layer(x) for layer in self.layers)
+
+
+def wide_batch(n: int = 8, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, 10, (n,), generator=g)
