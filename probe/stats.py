@@ -113,9 +113,12 @@ def finish_stats_host(norms: list[list[float]]) -> tuple[list[list[float]], list
 
 def _norms(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     # accumulated and returned in float32 (bf16 norms keep 3 digits); torch refuses to narrow
-    # float64 that way, so a list holding float64 keeps its dtype
-    wide = any(t.dtype is torch.float64 for t in ts)
-    return torch._foreach_norm(ts, 2, dtype=None if wide else _F32)
+    # float64 that way, so a list holding float64 keeps its dtype; an all-float32 list is
+    # asked for no dtype, which torch's CPU path takes at half the cost
+    dtypes = {t.dtype for t in ts}
+    if dtypes <= {_F32} or torch.float64 in dtypes:
+        return torch._foreach_norm(ts, 2)
+    return torch._foreach_norm(ts, 2, dtype=_F32)
 
 
 def _flat32(t: torch.Tensor) -> torch.Tensor:
