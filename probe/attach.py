@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -20,6 +21,7 @@ from probe import distributed
 from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler
 from probe.names import module_of, parameter_names
+from probe.received import Received
 from probe.runlock import RunLock
 from probe.skip import SkippedStep
 from probe.stats import (
@@ -37,6 +39,7 @@ from probe.stats import (
 PER = ("param", "module", "total")  # the granularity of the per-tensor statistics
 DEFAULT_QUEUE_BATCHES = 1024  # steps of backlog a default collector's worker may hold
 _NEEDS_BEFORE = ("param/norm", "update/norm", "update/ratio", "update/cos_grad", "update/hist")
+_STAT_TOPICS = (*_NEEDS_BEFORE, "grad/norm", "grad/hist")
 _ON_NONFINITE = ("report", "skip")
 # live probes by optimizer and by bus: one probe drives one optimizer and one bus at a time
 _LIVE_BY_OPTIMIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -99,6 +102,16 @@ def _check_log_value(topic: str, value: Any) -> Any:
                              f"{str(value)[:40]}...") from exc
     raise ValueError(f"value for {topic!r} must be a real number (int, float, numpy scalar) or "
                      f"a 1-element tensor, got {type(value).__name__}")
+
+
+def _on_stack(frame, top) -> bool:
+    """Is ``frame`` still running, i.e. ``top`` or one of its callers?"""
+    f = top
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 class Probe:
@@ -201,9 +214,14 @@ class Probe:
         self._params_cache: tuple[list, list] = ([], [])
         self._groups: tuple[torch.Tensor, list[int], list[dict]] | None = None
         self._before: list[torch.Tensor] | None = None
+        self._received: Received | None = None
+        # does step() rewrite .grad in place? None: not seen yet (copy on the first sample)
+        self._copy_grads: bool | None = None
         self._finite = FiniteCheck()
         self._step_timer = None
         self._in_step = False
+        self._step_frame = None  # torch's step wrapper running the step in progress
+        self._nested = 0  # step() calls inside it (a subclass calling super().step())
         self._overhead = 0.0
         self._closed = False
         self.skipped_steps = 0
@@ -321,8 +339,13 @@ class Probe:
 
     # -- the hooks -----------------------------------------------------------------------
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        if self._in_step:  # the last step raised out of optimizer.step(): close it first
-            self._abandon_step()
+        caller = sys._getframe(1)
+        if self._in_step:
+            if _on_stack(self._step_frame, caller):  # step() called inside step(): one step
+                self._nested += 1
+                return
+            self._abandon_step()  # the last step raised out of optimizer.step(): close it
+        self._step_frame = caller
         t0 = time.perf_counter()
         self._in_step = True
         bus = self.bus
@@ -335,10 +358,12 @@ class Probe:
         if prof is not None:
             prof.mark(self._step)
         grads = self._grads()
-        # the snapshot comes first: a skipped step hides the gradients that select params
-        if bus.sampled and grads and (self.reduce is not None
-                                      or any(bus.wants(t) for t in _NEEDS_BEFORE)):
-            self._before = snapshot(self._params()[0])
+        # what the optimizer receives is kept first: a skipped step hides the gradients
+        if bus.sampled and grads and self._wants_stats(bus):
+            params, tags = self._params()
+            self._received = Received(params, tags, copy=self._copy_grads is not False)
+            if self.reduce is not None or any(bus.wants(t) for t in _NEEDS_BEFORE):
+                self._before = snapshot(params)
         if grads and self.on_nonfinite == "skip":
             self._skip_if_nonfinite(bus, optimizer, grads)
         elif grads and bus.wants("anomaly/nonfinite"):
@@ -347,15 +372,19 @@ class Probe:
         self._overhead = time.perf_counter() - t0
         self._step_timer.__enter__()
 
+    def _wants_stats(self, bus: hooks.Bus) -> bool:
+        return self.reduce is not None or any(bus.wants(t) for t in _STAT_TOPICS)
+
     def _abandon_step(self) -> None:
         """The previous step raised inside the optimizer (a caught KeyboardInterrupt): undo a
         skip's hiding (parameters and state back, the gradients left as the loop set them
         since) and deliver what that step had emitted, under its own number."""
         self._in_step = False
+        self._step_frame, self._nested = None, 0
         skipping, self._skipping = self._skipping, None
         if skipping is not None:
             skipping.restore(grads=False)
-        self._before = None
+        self._before = self._received = None
         if self._step_timer is not None:
             self._step_timer.__exit__(None, None, None)
             self._step_timer = None
@@ -397,7 +426,11 @@ class Probe:
     def _post_step(self, optimizer, args, kwargs) -> None:
         if not self._in_step:  # attached inside this step: the probe starts at the next one
             return
+        if self._nested:
+            self._nested -= 1
+            return
         self._in_step = False
+        self._step_frame = None
         self._step_timer.__exit__(None, None, None)
         self._step_timer = None
         t0 = time.perf_counter()
@@ -409,7 +442,7 @@ class Probe:
             if bus.sampled:
                 self._sampled_stats(bus)
         finally:
-            self._before = None
+            self._before = self._received = None
             if bus.wants("probe/overhead_ms"):
                 bus.emit("probe/overhead_ms", (self._overhead + time.perf_counter() - t0) * 1e3)
             if self.sampler is not None and (bus.sampled or self.sampler.status is not None):
@@ -428,12 +461,13 @@ class Probe:
             self.profiler.step(self._step)
 
     def _sampled_stats(self, bus: hooks.Bus) -> None:
-        params, tags = self._params()
+        rec = self._received
+        params, tags, grads = (rec.params, rec.tags, rec.grads) if rec else ([], [], [])
         if self.reduce is not None:  # the collective runs even when this rank has no grads
-            self._reduced_stats(bus, params, tags)
+            self._reduced_stats(bus, params, grads)
         if not params:
             return
-        grads = [p.grad for p in params]
+        stale = self._stale(rec)
         if self.reduce is not None:
             pass  # norms, ratios and cosines came reduced; histograms below stay local
         elif self._before is not None and len(self._before) == len(params):
@@ -442,6 +476,9 @@ class Probe:
                                                       for b, p in zip(self._before, params)],
                                  tags)
             norms = step_norms(self._before, params, grads)
+            if stale is not None:
+                norms[0, stale] = math.nan
+                norms[3, stale] = math.nan
             grouping = self._grouping()
             if grouping is not None:
                 norms = group_step_norms(norms, grouping[0].to(norms.device),
@@ -458,6 +495,8 @@ class Probe:
                 bus.emit(topic, totals[k])
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float()
+            if stale is not None:
+                g[stale] = math.nan
             grouping = self._grouping()
             if grouping is not None:
                 g = torch.zeros(len(grouping[2]), device=g.device).index_add_(
@@ -473,8 +512,21 @@ class Probe:
             bus.emit("cuda/max_memory_allocated", torch.cuda.max_memory_allocated(dev),
                      param=str(dev))
 
+    def _stale(self, rec: Received) -> torch.Tensor | None:
+        """Learn whether step() rewrites gradients in place (then they are copied before the
+        step from now on); the positions of received gradients that this step rewrote and
+        that were not copied (their statistics are unknown: NaN), or None."""
+        changed = rec.rewritten()
+        if any(changed):
+            self._copy_grads = True
+        elif self._copy_grads is None:
+            self._copy_grads = False
+        if rec.copied or not any(changed):
+            return None
+        return torch.tensor([i for i, c in enumerate(changed) if c], dtype=torch.long)
+
     def _reduced_stats(self, bus: hooks.Bus, params: list[torch.Tensor],
-                       tags: list[dict]) -> None:
+                       grads: list[torch.Tensor]) -> None:
         # exactly one collective per sampled step on every rank, whatever this rank listens to
         everyone = [p for g in self.optimizer.param_groups for p in g["params"]]
         column = {id(p): i for i, p in enumerate(everyone)}
@@ -483,8 +535,7 @@ class Probe:
         present = torch.zeros(len(everyone), device=dev)
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
-            table, totals = finish_stats(step_norms(self._before, params,
-                                                   [p.grad for p in params]))
+            table, totals = finish_stats(step_norms(self._before, params, grads))
             idx = torch.tensor([column[id(p)] for p in params], device=dev)
             rows[:, idx] = table.to(dev)
             present[idx] = 1.0

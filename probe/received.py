@@ -1,0 +1,29 @@
+"""The gradients an optimizer received, kept from the pre-step hook of a sampled step: the
+statistics then describe them even when ``step()`` rewrites ``.grad`` in place (schedule-free
+AdamW, Ranger's gradient centralization) or drops it (heavyball's ``p.grad = None``)."""
+
+from __future__ import annotations
+
+import torch
+
+from probe.stats import snapshot
+
+
+class Received:
+    """``params`` (those with a gradient before the step), their ``tags`` and ``grads``: the
+    gradient tensors themselves, or copies when ``copy`` (an optimizer known, or not yet
+    known, to rewrite them). ``rewritten()`` tells, from torch's version counters, which of
+    the tensors the step changed in place (free: no values read)."""
+
+    __slots__ = ("params", "tags", "grads", "copied", "_refs", "_versions")
+
+    def __init__(self, params: list[torch.Tensor], tags: list[dict], copy: bool) -> None:
+        refs = [p.grad for p in params]
+        self.params, self.tags, self.copied = params, tags, copy
+        self._refs = refs
+        self._versions = [g._version for g in refs]
+        self.grads = snapshot(refs) if copy else refs
+
+    def rewritten(self) -> list[bool]:
+        """For each gradient: did ``step()`` change that tensor in place?"""
+        return [g._version != v for g, v in zip(self._refs, self._versions)]
