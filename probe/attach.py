@@ -104,6 +104,23 @@ def _check_log_value(topic: str, value: Any) -> Any:
                      f"a 1-element tensor, got {type(value).__name__}")
 
 
+def _closure_of(args: tuple, kwargs: dict):
+    """(the closure passed to ``step``, where: "kwargs" or its index in ``args``) or (None,
+    None). ``args[0]`` is the optimizer itself."""
+    c = kwargs.get("closure")
+    if c is not None:
+        return (c, "kwargs") if callable(c) else (None, None)
+    if len(args) > 1 and callable(args[1]):
+        return args[1], 1
+    return None, None
+
+
+def _with_closure(args: tuple, kwargs: dict, where, closure) -> tuple[tuple, dict]:
+    if where == "kwargs":
+        return args, {**kwargs, "closure": closure}
+    return (*args[:where], closure, *args[where + 1:]), kwargs
+
+
 def _on_stack(frame, top) -> bool:
     """Is ``frame`` still running, i.e. ``top`` or one of its callers?"""
     f = top
@@ -338,7 +355,7 @@ class Probe:
         return self._groups
 
     # -- the hooks -----------------------------------------------------------------------
-    def _pre_step(self, optimizer, args, kwargs) -> None:
+    def _pre_step(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
         caller = sys._getframe(1)
         if self._in_step:
             if _on_stack(self._step_frame, caller):  # step() called inside step(): one step
@@ -357,6 +374,20 @@ class Probe:
         bus.begin_step(self._step, sampled=True if prof is not None and prof.recording else None)
         if prof is not None:
             prof.mark(self._step)
+        closure, where = _closure_of(args, kwargs)
+        if closure is None:
+            self._gradients_in(optimizer)
+        else:  # the gradients come from the closure, called inside step()
+            args, kwargs = _with_closure(args, kwargs, where, self._checked(optimizer, closure))
+        self._step_timer = bus.timer("step/time_ms")
+        self._overhead = time.perf_counter() - t0
+        self._step_timer.__enter__()
+        return None if closure is None else (args, kwargs)
+
+    def _gradients_in(self, optimizer) -> None:
+        """What the step's gradients decide, as the optimizer receives them: the kept
+        statistics, the snapshot of parameters, the non-finite check and the skip."""
+        bus = self.bus
         grads = self._grads()
         # what the optimizer receives is kept first: a skipped step hides the gradients
         if bus.sampled and grads and self._wants_stats(bus):
@@ -368,9 +399,23 @@ class Probe:
             self._skip_if_nonfinite(bus, optimizer, grads)
         elif grads and bus.wants("anomaly/nonfinite"):
             self._check_nonfinite(bus, grads)
-        self._step_timer = bus.timer("step/time_ms")
-        self._overhead = time.perf_counter() - t0
-        self._step_timer.__enter__()
+
+    def _checked(self, optimizer, closure):
+        """``closure`` whose first call (the gradient at the step's starting point: LBFGS's
+        first evaluation, Lightning's training step) is followed by :meth:`_gradients_in`;
+        later calls (line searches, re-evaluations) run as they are."""
+        first = [True]
+
+        def closure_checked(*a, **k):
+            loss = closure(*a, **k)
+            if first[0] and self._in_step:
+                first[0] = False
+                t0 = time.perf_counter()
+                self._gradients_in(optimizer)
+                self._overhead += time.perf_counter() - t0
+            return loss
+
+        return closure_checked
 
     def _wants_stats(self, bus: hooks.Bus) -> bool:
         return self.reduce is not None or any(bus.wants(t) for t in _STAT_TOPICS)

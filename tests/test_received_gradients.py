@@ -118,3 +118,88 @@ def test_an_optimizer_that_keeps_the_gradient_is_not_copied_after_the_first_samp
         model(torch.randn(4, 6)).square().mean().backward()
         opt.step()
         assert p._copy_grads is True
+
+
+# -- closures: the gradient comes from the closure, called inside step() -------------------
+
+def _lbfgs_run(probed, on_nonfinite="report", nan_at=None, steps=4):
+    model = _model()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    rec = Recorder()
+    first_grads, calls = [], []
+    p = probe.attach(opt, model=model, every=1, collectors=[rec],
+                     on_nonfinite=on_nonfinite) if probed else None
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    for s in range(steps):
+        calls.append(0)
+
+        def closure(s=s):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            if s == nan_at:
+                model[0].weight.grad[0, 0] = math.nan
+            if calls[-1] == 0:
+                first_grads.append([q.grad.detach().double().clone()
+                                    for q in model.parameters()])
+            calls[-1] += 1
+            return loss
+
+        opt.step(closure)
+    if p is not None:
+        p.close()
+    return model, rec, first_grads, calls
+
+
+def test_lbfgs_statistics_are_of_the_first_closure_evaluation():
+    model, rec, first, calls = _lbfgs_run(True)
+    plain, _, _, plain_calls = _lbfgs_run(False)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert calls == plain_calls and max(calls) > 1  # line search: several evaluations
+    got = rec.values("grad/norm", "0.weight")
+    assert got == pytest.approx([g[0].norm().item() for g in first], rel=1e-5)
+    assert len(rec.values("update/norm", "0.weight")) == 4  # step 0 included
+
+
+def test_lbfgs_nonfinite_is_reported_and_skipped_on_its_own_step():
+    model, rec, _, _ = _lbfgs_run(True, on_nonfinite="skip", nan_at=2)
+    flagged = [e.step for e in rec.events if e.topic == "anomaly/nonfinite"
+               and e.tags.get("param") == "0.weight" and e.value]
+    skipped = [e.step for e in rec.events if e.topic == "anomaly/skipped_step" and e.value]
+    assert flagged == [2] and skipped == [2]
+    assert all(torch.isfinite(q).all() for q in model.parameters())
+    ref = _model()  # steps 0, 1 and 3 of a run whose step 2 did nothing
+    opt = torch.optim.LBFGS(ref.parameters(), lr=0.5, max_iter=4)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opt.zero_grad()
+        loss = ref(x).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_closure_passed_by_keyword_is_checked_too():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder()
+    x = torch.randn(8, 6)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        seen.append(model[0].weight.grad.double().norm().item())
+        return loss
+
+    with probe.attach(opt, model=model, every=1, collectors=[rec]):
+        for _ in range(3):
+            opt.step(closure=closure)
+    assert rec.values("grad/norm", "0.weight") == pytest.approx(seen, rel=1e-5)
