@@ -242,6 +242,7 @@ class Probe:
         self._overhead = 0.0
         self._closed = False
         self.skipped_steps = 0
+        self.scaler_skipped_steps = 0  # fused optimizers' overflow steps under GradScaler
         self._handles: list = []
         self._subs: list = []
         self._checkpoint: CheckpointHooks | None = None
@@ -362,6 +363,12 @@ class Probe:
                 self._nested += 1
                 return
             self._abandon_step()  # the last step raised out of optimizer.step(): close it
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
+            # GradScaler steps a fused optimizer through an overflow and the kernel skips it;
+            # any other optimizer's step the scaler does not call at all: no step either way
+            self.scaler_skipped_steps += 1
+            return None
         self._step_frame = caller
         t0 = time.perf_counter()
         self._in_step = True
@@ -392,7 +399,12 @@ class Probe:
         # what the optimizer receives is kept first: a skipped step hides the gradients
         if bus.sampled and grads and self._wants_stats(bus):
             params, tags = self._params()
-            self._received = Received(params, tags, copy=self._copy_grads is not False)
+            # a fused optimizer under GradScaler gets the scaled gradients and its kernel
+            # unscales them in place, unseen by version counters: copied, then unscaled
+            scale = getattr(optimizer, "grad_scale", None)
+            scale = scale.item() if torch.is_tensor(scale) else 1.0
+            self._received = Received(params, tags, scale=scale,
+                                      copy=self._copy_grads is not False or scale != 1.0)
             if self.reduce is not None or any(bus.wants(t) for t in _NEEDS_BEFORE):
                 self._before = snapshot(params)
         if grads and self.on_nonfinite == "skip":
@@ -521,6 +533,9 @@ class Probe:
                                                       for b, p in zip(self._before, params)],
                                  tags)
             norms = step_norms(self._before, params, grads)
+            if rec.scale != 1.0:
+                norms[0] /= rec.scale
+                norms[3] /= rec.scale
             if stale is not None:
                 norms[0, stale] = math.nan
                 norms[3, stale] = math.nan
@@ -539,7 +554,7 @@ class Probe:
             for k, topic in enumerate(STAT_ROWS[:3]):
                 bus.emit(topic, totals[k])
         elif bus.wants("grad/norm"):
-            g = torch.stack(torch._foreach_norm(grads)).float()
+            g = torch.stack(torch._foreach_norm(grads)).float() / rec.scale
             if stale is not None:
                 g[stale] = math.nan
             grouping = self._grouping()
@@ -550,7 +565,8 @@ class Probe:
                 bus.emit_each("grad/norm", g, tags if grouping is None else grouping[2])
             bus.emit("grad/norm", g.square().sum().sqrt())
         if self._hist_step() and bus.wants("grad/hist"):
-            self._histograms(bus, "grad/hist", [value_sample(g) for g in grads], tags)
+            self._histograms(bus, "grad/hist", [value_sample(g) / rec.scale for g in grads],
+                             tags)
         if bus.device.type == "cuda" and bus.wants("cuda/memory_allocated"):
             dev = bus.device
             bus.emit("cuda/memory_allocated", torch.cuda.memory_allocated(dev), param=str(dev))
@@ -580,7 +596,12 @@ class Probe:
         present = torch.zeros(len(everyone), device=dev)
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
-            table, totals = finish_stats(step_norms(self._before, params, grads))
+            norms = step_norms(self._before, params, grads)
+            scale = self._received.scale
+            if scale != 1.0:
+                norms[0] /= scale
+                norms[3] /= scale
+            table, totals = finish_stats(norms)
             idx = torch.tensor([column[id(p)] for p in params], device=dev)
             rows[:, idx] = table.to(dev)
             present[idx] = 1.0

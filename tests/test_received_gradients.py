@@ -203,3 +203,40 @@ def test_a_closure_passed_by_keyword_is_checked_too():
         for _ in range(3):
             opt.step(closure=closure)
     assert rec.values("grad/norm", "0.weight") == pytest.approx(seen, rel=1e-5)
+
+
+# -- GradScaler: one step numbering for fused and non-fused, unscaled statistics -----------
+
+def _scaled_run(fused, overflow_at=(2, 5), steps=8):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    rec = Recorder()
+    received = []
+    with probe.attach(opt, model=model, every=1, collectors=[rec]) as p:
+        for s in range(steps):
+            g = torch.Generator().manual_seed(s)
+            scaler.scale(model(torch.randn(8, 6, generator=g)).square().mean()).backward()
+            if s in overflow_at:
+                model[0].weight.grad[0, 0] = math.inf
+            else:
+                received.append(model[0].weight.grad.double() / scaler.get_scale())
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    return model, p, rec, received
+
+
+def test_grad_scaler_steps_count_alike_fused_or_not_and_norms_are_unscaled():
+    runs = {fused: _scaled_run(fused) for fused in (False, True)}
+    for fused, (_, p, rec, received) in runs.items():
+        assert p.step == 6, fused  # the two overflow steps are not steps
+        assert p.scaler_skipped_steps == (2 if fused else 0)
+        assert not [e for e in rec.events if e.topic == "anomaly/nonfinite" and e.value]
+        got = rec.values("grad/norm", "0.weight")
+        assert got == pytest.approx([g.norm().item() for g in received], rel=1e-5), fused
+    a, b = runs[False][0], runs[True][0]
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y)  # fused and for-loop AdamW: rounding apart
+    assert runs[False][2].values("update/cos_grad", "0.weight") == pytest.approx(
+        runs[True][2].values("update/cos_grad", "0.weight"), rel=1e-4, abs=1e-6)
