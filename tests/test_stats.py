@@ -111,3 +111,28 @@ def test_cuda_statistics_match_the_host_finish(dtype):
     for k, topic in enumerate(STAT_ROWS[:3]):
         assert host_table[k] == pytest.approx(ref[topic], rel=tol, abs=1e-6)
     assert totals.cpu().tolist() == pytest.approx(ref_totals, rel=tol)
+
+
+def test_big_tensors_norms_and_dots_are_float64_accurate():
+    """A float32 sum over 16M values is off by ~1e-4 (torch's own norm too); the row-wise
+    float64 sums hold the norms to float32 rounding and the dot to ~1e-9 of |a||b|."""
+    from probe.stats import step_norms
+
+    g = torch.Generator().manual_seed(0)
+    n = 16_000_000 + 123  # a tail past the last full row
+    before = torch.rand(n, generator=g) + 1.0
+    after = before - 1e-3 * torch.randn(n, generator=g)
+    grad = torch.rand(n, generator=g) + 0.5
+    small = torch.randn(7, 3, generator=g)
+    ref_before = [before.double(), small.double()]
+    upd = before.double() - after.double()
+    got = step_norms([before.clone(), small.clone()], [after, small], [grad, small])
+    assert got[0, 0].item() == pytest.approx(grad.double().norm().item(), rel=2e-7)
+    assert got[1, 0].item() == pytest.approx(ref_before[0].norm().item(), rel=2e-7)
+    assert got[2, 0].item() == pytest.approx(upd.norm().item(), rel=2e-7)
+    dot = (upd @ grad.double()).item()
+    assert abs(got[3, 0].item() - dot) < 1e-7 * upd.norm().item() * grad.double().norm().item()
+    assert got[1, 1].item() == pytest.approx(ref_before[1].norm().item(), rel=1e-6)
+    # torch's float32 norm alone is far off on the same tensor: the test can fail
+    assert abs(before.norm().item() - ref_before[0].norm().item()) > 1e-5 * \
+        ref_before[0].norm().item()
