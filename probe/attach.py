@@ -17,7 +17,7 @@ import torch
 import hooks
 from dashboards import Background, JSONLines, Profiler, Summary, TensorBoard
 from dashboards.hparams import check_hparams
-from probe import distributed
+from probe import distributed, sharded
 from probe.checkpoint import CheckpointHooks
 from probe.gpu import Sampler
 from probe.names import module_of, parameter_names
@@ -232,6 +232,9 @@ class Probe:
         self._groups: tuple[torch.Tensor, list[int], list[dict]] | None = None
         self._before: list[torch.Tensor] | None = None
         self._received: Received | None = None
+        self._dtensors = sharded.DTensor is not None and any(
+            isinstance(p, sharded.DTensor) for g in optimizer.param_groups for p in g["params"])
+        self._shards: list | None = None
         # does step() rewrite .grad in place? None: not seen yet (copy on the first sample)
         self._copy_grads: bool | None = None
         self._finite = FiniteCheck()
@@ -318,8 +321,9 @@ class Probe:
     # -- parameters ----------------------------------------------------------------------
     def _grads(self) -> list[torch.Tensor]:
         # what every step needs; names and tags wait for a sampled step or an anomaly
-        return [g for group in self.optimizer.param_groups for p in group["params"]
-                if (g := p.grad) is not None]
+        grads = [g for group in self.optimizer.param_groups for p in group["params"]
+                 if (g := p.grad) is not None]
+        return [sharded.local(g) for g in grads] if self._dtensors else grads
 
     def _params(self) -> tuple[list[torch.Tensor], list[dict]]:
         key = tuple(id(p) for g in self.optimizer.param_groups for p in g["params"]
@@ -337,6 +341,10 @@ class Probe:
                     name = self._names[id(p)]
                 params.append(p)
                 tags.append({"param": name})
+        # FSDP2's DTensors: statistics of the local shards, summed over the mesh
+        self._shards = sharded.shard_groups(params)
+        if self._dtensors:
+            params = [sharded.local(p) for p in params]
         self._params_key, self._params_cache = key, (params, tags)
         self._groups = None
         return params, tags
@@ -403,7 +411,7 @@ class Probe:
             # unscales them in place, unseen by version counters: copied, then unscaled
             scale = getattr(optimizer, "grad_scale", None)
             scale = scale.item() if torch.is_tensor(scale) else 1.0
-            self._received = Received(params, tags, scale=scale,
+            self._received = Received(params, tags, grads, scale=scale,
                                       copy=self._copy_grads is not False or scale != 1.0)
             if self.reduce is not None or any(bus.wants(t) for t in _NEEDS_BEFORE):
                 self._before = snapshot(params)
@@ -533,6 +541,8 @@ class Probe:
                                                       for b, p in zip(self._before, params)],
                                  tags)
             norms = step_norms(self._before, params, grads)
+            if self._shards:
+                norms = sharded.global_norms(norms, self._shards)
             if rec.scale != 1.0:
                 norms[0] /= rec.scale
                 norms[3] /= rec.scale
@@ -555,6 +565,8 @@ class Probe:
                 bus.emit(topic, totals[k])
         elif bus.wants("grad/norm"):
             g = torch.stack(torch._foreach_norm(grads)).float() / rec.scale
+            if self._shards:
+                g = sharded.global_norms(g.unsqueeze(0), self._shards)[0]
             if stale is not None:
                 g[stale] = math.nan
             grouping = self._grouping()
@@ -597,6 +609,8 @@ class Probe:
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
             norms = step_norms(self._before, params, grads)
+            if self._shards:
+                norms = sharded.global_norms(norms, self._shards)
             scale = self._received.scale
             if scale != 1.0:
                 norms[0] /= scale

@@ -11,16 +11,16 @@ from probe.stats import snapshot
 
 class Received:
     """``params`` (those with a gradient before the step), their ``tags`` and ``grads``: the
-    gradient tensors themselves, or copies when ``copy`` (an optimizer known, or not yet
+    given gradient tensors themselves, or copies when ``copy`` (an optimizer known, or not yet
     known, to rewrite them); ``scale`` divides them (GradScaler's, for a fused optimizer that
     unscales in its kernel). ``rewritten()`` tells, from torch's version counters, which of
     the tensors the step changed in place (free: no values read)."""
 
     __slots__ = ("params", "tags", "grads", "copied", "scale", "_refs", "_versions")
 
-    def __init__(self, params: list[torch.Tensor], tags: list[dict], copy: bool,
-                 scale: float = 1.0) -> None:
-        refs = [p.grad for p in params]
+    def __init__(self, params: list[torch.Tensor], tags: list[dict],
+                 grads: list[torch.Tensor], copy: bool, scale: float = 1.0) -> None:
+        refs = grads
         self.params, self.tags, self.copied, self.scale = params, tags, copy, scale
         self._refs = refs
         self._versions = [g._version for g in refs]
