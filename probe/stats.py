@@ -18,13 +18,31 @@ STAT_ROWS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/c
 _foreach_clone = getattr(torch, "_foreach_clone", None)  # absent from older torch releases
 
 
+def entries(t: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """The real numbers a gradient or parameter holds, as a dense real tensor: a sparse
+    tensor's stored values (coalesced when ``exact``, so repeated indices add up as they do in
+    the tensor; uncoalesced is enough to find a NaN), a complex tensor's real and imaginary
+    parts; any other tensor itself."""
+    if t.layout is not torch.strided:
+        t = (t.coalesce() if exact else t)._values()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t
+
+
+def _plain(ts: list[torch.Tensor], exact: bool = True) -> list[torch.Tensor]:
+    if all(t.layout is torch.strided and not t.is_complex() for t in ts):
+        return ts
+    return [entries(t, exact) for t in ts]
+
+
 def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
     """sum |g| of each gradient, stacked: non-finite where a NaN or Inf is present.
 
     The L1 norm is used rather than max-abs (3x slower on CPU) or L2 (squares overflow fp32
     from |g| ~ 1e19); it overflows only when sum |g| passes the dtype's range.
     """
-    return torch.stack(torch._foreach_norm(grads, 1))
+    return torch.stack(torch._foreach_norm(_plain(grads, exact=False), 1))
 
 
 class FiniteCheck:
@@ -55,7 +73,8 @@ class FiniteCheck:
         # -0.0, subnormals) bit-identical; it only ever sets `found`, so a clean pass needs no
         # reset. Gradients it does not take (sparse, mixed devices) go the slow way.
         try:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+            torch._amp_foreach_non_finite_check_and_unscale_(_plain(grads, exact=False),
+                                                             found, one)
         except (RuntimeError, TypeError, NotImplementedError):
             return False
         if not found.item():
@@ -67,7 +86,7 @@ class FiniteCheck:
 def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Detached copies of ``params`` (one fused call where torch has it), taken before the step."""
     with torch.no_grad():
-        if _foreach_clone is not None:
+        if _foreach_clone is not None and all(p.layout is torch.strided for p in params):
             return _foreach_clone(params)
         return [p.clone() for p in params]
 
@@ -123,6 +142,7 @@ def _norms(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     # accumulated and returned in float32 (bf16 norms keep 3 digits); torch refuses to narrow
     # float64 that way, so a list holding float64 keeps its dtype; an all-float32 list is
     # asked for no dtype, which torch's CPU path takes at half the cost
+    ts = _plain(ts)
     dtypes = {t.dtype for t in ts}
     wide = torch.float64 in dtypes
     big = [i for i, t in enumerate(ts) if t.numel() > _BIG and t.dtype is not torch.float64]
@@ -139,7 +159,14 @@ def _norms(ts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> in float32 (float64 if either is); a big one by rows summed in float64."""
+    """<a, b> in float32 (float64 if either is); a big one by rows summed in float64. ``b``
+    may be sparse (the entries of ``a`` at its indices are taken) or complex (the real inner
+    product: Re <a, b>)."""
+    if b.layout is not torch.strided:
+        b = b.coalesce()
+        a, b = a[tuple(b._indices())], b._values()
+    if a.is_complex() or b.is_complex():
+        a, b = entries(a), entries(b)
     if a.numel() > _BIG and torch.float64 not in (a.dtype, b.dtype):
         return _row_sums(_flat32(a), _flat32(b)).float()
     return torch.vdot(_flat32(a), _flat32(b))
@@ -167,8 +194,9 @@ def _flat32(t: torch.Tensor) -> torch.Tensor:
 
 
 def value_sample(t: torch.Tensor, max_values: int = 1024) -> torch.Tensor:
-    """An evenly strided sample of at most ``max_values`` entries, for histograms."""
-    flat = t.detach().reshape(-1)
+    """An evenly strided sample of at most ``max_values`` entries, for histograms (of a
+    sparse tensor its stored values, of a complex one its real and imaginary parts)."""
+    flat = entries(t.detach()).reshape(-1)
     stride = max(1, -(-flat.numel() // max_values))
     return flat[::stride]
 
