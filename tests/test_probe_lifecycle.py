@@ -190,3 +190,24 @@ def test_each_json_line_names_its_run(tmp_path):
         _step(m, opt)
     good, bad = read_events(tmp_path / "events.jsonl")
     assert good and not bad and {r["run"] for r in good} == {p.run_id}
+
+
+def test_two_probes_write_disjoint_event_files_with_their_own_counts(tmp_path):
+    from dashboards import read_events
+
+    g, d = _model(0), _model(1)
+    opt_g, opt_d = torch.optim.SGD(g.parameters(), lr=0.1), Muon(d.parameters(), lr=0.02)
+    with probe.attach(opt_g, model=g, every=1, logdir=tmp_path / "g") as pg, \
+            probe.attach(opt_d, model=d, every=2, logdir=tmp_path / "d") as pd:
+        for i in range(6):
+            _step(g, opt_g, i)
+            _step(d, opt_d, i)
+            pg.log("train/loss", float(i))
+    recs = {k: read_events(tmp_path / k / "events.jsonl")[0] for k in ("g", "d")}
+    totals = {k: [r["step"] for r in v if r["topic"] == "grad/norm" and not r["tags"]]
+              for k, v in recs.items()}
+    assert totals == {"g": [0, 1, 2, 3, 4, 5], "d": [0, 2, 4]}
+    assert len([r for r in recs["g"] if r["topic"] == "train/loss"]) == 6
+    assert not [r for r in recs["d"] if r["topic"] == "train/loss"]
+    assert {r["run"] for r in recs["g"]} == {pg.run_id} != {r["run"] for r in recs["d"]}
+    assert not any(r["topic"].startswith("muon/") for r in recs["g"])
