@@ -211,3 +211,41 @@ def test_two_probes_write_disjoint_event_files_with_their_own_counts(tmp_path):
     assert not [r for r in recs["d"] if r["topic"] == "train/loss"]
     assert {r["run"] for r in recs["g"]} == {pg.run_id} != {r["run"] for r in recs["d"]}
     assert not any(r["topic"].startswith("muon/") for r in recs["g"])
+
+
+def test_attaching_to_an_optimizer_with_state_warns_that_steps_count_from_zero(capsys):
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    _step(m, opt)  # state exists (as after loading a checkpoint before attach)
+    with probe.attach(opt, collectors=[Recorder()]) as p:
+        _step(m, opt)
+    assert p.step == 1
+    assert "already has state" in capsys.readouterr().err
+
+
+def test_a_second_live_process_on_one_logdir_is_warned_about_and_its_lock_left(tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from probe.runlock import LOCK
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(json.dumps({"pid": other.pid, "run": "theirs"}))
+        m = _model()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with probe.attach(opt, logdir=tmp_path, every=1) as p:
+            _step(m, opt)
+        err = capsys.readouterr().err
+        assert f"also being written by process {other.pid}" in err and p.run_id in err
+    finally:
+        other.kill()
+        other.wait()
+    # a dead holder is no warning, and our claim is gone after close
+    (tmp_path / LOCK).write_text(json.dumps({"pid": other.pid, "run": "theirs"}))
+    opt = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with probe.attach(opt, logdir=tmp_path, every=1):
+        pass
+    assert "also being written" not in capsys.readouterr().err
+    assert not (tmp_path / LOCK).exists()
