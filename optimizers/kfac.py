@@ -246,8 +246,12 @@ class KFAC(torch.optim.Optimizer):
     def _update_factors(self) -> None:
         layers = self.layers
         device = layers[0].weight.device
-        per_rank = kfac_dist.gather_counts([layer.rows for layer in layers], device)
+        nl = len(layers)
+        counts = kfac_dist.gather_counts([layer.rows for layer in layers]
+                                         + [layer.samples for layer in layers], device)
+        per_rank = [c[:nl] for c in counts]
         totals = [sum(col) for col in zip(*per_rank)]
+        samples = [sum(c[nl + i] for c in counts) for i in range(nl)]
         active = [(i, layer) for i, layer in enumerate(layers) if totals[i] > 0]
         for i, layer in active:
             name, reason = choose_policy(self.policy, totals[i], layer.out_dim, self.auto_rho,
@@ -270,17 +274,21 @@ class KFAC(torch.optim.Optimizer):
         decay = self.factor_decay
         k = 0
         for i, layer in active:
-            T = totals[i]
+            # KFAC-expand: A averages over the T rows, G sums over each sample's rows and
+            # averages over the N samples (a conv's G is R = Ho*Wo times a per-row average)
+            T, N = totals[i], max(samples[i], 1)
             layer.A = _running(layer.A, sums[k] / T, decay)
             k += 1
             if layer.policy == "eig":
-                layer.G = _running(layer.G, sums[k] / T, decay)
+                layer.G = _running(layer.G, sums[k] / N, decay)
                 layer.U = None
                 k += 1
             else:
                 rows = kfac_dist.gather_rows(layer.collected_rows(),
                                              [c[i] for c in per_rank])
-                layer.U = rows.mT  # the latest rows: a running UUᵀ would not be low rank
+                # the latest rows (a running UUᵀ would not be low rank), scaled by sqrt(T/N)
+                # so that G = U Uᵀ / T is the expand factor Σ g gᵀ / N
+                layer.U = rows.mT if T == N else rows.mT * math.sqrt(T / N)
                 layer.G = None
             layer.tokens = T
         for layer in layers:

@@ -4,7 +4,10 @@ their sums over one collection, and the layer's factors and inverses.
 Rows: a Linear layer gives one row per input vector (all leading dimensions flattened), a
 Conv2d layer one row per output position (its input patch, unfolded). The bias is an extra
 ones column of ``a``. Output-gradient rows are multiplied by the batch size ``N`` to undo the
-``1/N`` of a mean-reduced loss, so ``G`` is the per-sample Fisher whatever the batch size.
+``1/N`` of a mean-reduced loss. ``A`` averages over all ``T`` rows, ``G`` sums over a sample's
+rows and averages over the ``N`` samples (KFAC-expand, Grosse & Martens 2016; curvlinops'
+``kfac_approx="expand"``), so ``A ⊗ G`` has the scale of the per-sample empirical Fisher for
+convolutions and sequence inputs too, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ class KFACLayer:
         self.g_sum: torch.Tensor | None = None
         self.g_rows: list[torch.Tensor] = []
         self.rows = 0
+        self.samples = 0  # N: the samples behind the rows (G's divisor)
 
     def add(self, a_cov: torch.Tensor, t: int, g: torch.Tensor, n: int, keep_rows: bool
             ) -> None:
@@ -154,6 +158,7 @@ class KFACLayer:
         g = g.to(self.dtype)
         self.a_sum = a_cov if self.a_sum is None else self.a_sum + a_cov
         self.rows += t
+        self.samples += n
         if keep_rows:
             self.g_rows.append(g * n)
         else:

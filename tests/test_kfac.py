@@ -91,7 +91,8 @@ def test_linear_step_equals_dense_kronecker_solve(policy):
 
 
 def test_linear_sequence_input_rows_are_tokens():
-    """[B, L, in] inputs: every position is a row; G is scaled by the batch size B."""
+    """[B, L, in] inputs: every position is a row of A; G sums over a sample's positions and
+    averages over the B samples (KFAC-expand), its rows scaled by the batch size B."""
     torch.manual_seed(1)
     lin = nn.Linear(4, 3).double()
     x = torch.randn(2, 5, 4, dtype=torch.float64)
@@ -102,7 +103,7 @@ def test_linear_sequence_input_rows_are_tokens():
     xs, ts = x.reshape(-1, 4).numpy(), t.reshape(-1, 3).numpy()
     e = xs @ W.T + b - ts  # B * dL/dy per row, L = mean over the batch of B = 2
     a = np.hstack([xs, np.ones((10, 1))])
-    A, G, V = a.T @ a / 10, e.T @ e / 10, e.T @ a / 2
+    A, G, V = a.T @ a / 10, e.T @ e / 2, e.T @ a / 2
     got = torch.cat([delta[0], delta[1][:, None]], 1).numpy()
     np.testing.assert_allclose(got, _eig_reference(V, A, G), rtol=1e-7, atol=1e-10)
     assert opt.layers[0].tokens == 10
@@ -148,7 +149,7 @@ def test_conv2d_step_equals_dense_kronecker_solve(policy, cfg):
     y = a @ np.hstack([W, b[:, None]]).T                       # [N*L, out]
     e = y - t.numpy().transpose(0, 2, 3, 1).reshape(-1, 3)     # N * dL/dy per position
     T, N = a.shape[0], 4
-    A, G, V = a.T @ a / T, e.T @ e / T, e.T @ a / N
+    A, G, V = a.T @ a / T, e.T @ e / N, e.T @ a / N  # KFAC-expand: G sums over positions
     opt = _kfac(conv, policy=policy)
     delta = _step_delta(conv, opt, lambda: 0.5 * ((conv(x) - t) ** 2).sum((1, 2, 3)).mean())
     got = torch.cat([delta[0].reshape(3, -1), delta[1][:, None]], 1).numpy()
@@ -568,3 +569,68 @@ def test_a_zero_size_linear_gets_plain_sgd_and_the_rest_is_preconditioned():
     assert net.empty.weight.shape == (0, 4)
     with pytest.raises(ValueError, match="at least one trainable"):
         KFAC(nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3)), bus=hooks.Bus())
+
+
+# -- the scale of A ⊗ G against the exact per-sample empirical Fisher ------------------------
+
+class _SeqCNN(nn.Module):
+    """Strided/padded/dilated convs, then a Linear over the 16 positions as a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)            # 8x8 -> 4x4
+        self.c2 = nn.Conv2d(6, 6, 3, padding=2, dilation=2)          # 4x4 -> 4x4
+        self.seq = nn.Linear(6, 8)                                   # on [N, 16, 6]
+        self.head = nn.Linear(16 * 8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        h = torch.tanh(self.seq(h.flatten(2).mT))
+        return self.head(h.flatten(1))
+
+
+def _per_sample_grads(model, x, y):
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss1(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    return vmap(grad(loss1), in_dims=(None, 0, 0))(params, x, y)
+
+
+def fisher_scale_ratios(n=32, seed=0):
+    """Per layer: tr(A)·tr(G) / tr(F) and mean vᵀ(G⊗A)v / mean vᵀFv over 32 random v, F the
+    exact per-sample empirical Fisher (1/N) Σ ∇ℓ_n ∇ℓ_nᵀ of the layer's [W, b]."""
+    torch.manual_seed(seed)
+    model = _SeqCNN().double()
+    x = torch.randn(n, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (n,))
+    opt = _kfac(model, policy="eig", lr=0.0)
+    nn.functional.cross_entropy(model(x), y).backward()  # mean-reduced: G is rescaled by N
+    opt.step()
+    grads = _per_sample_grads(model, x, y)
+    out = {}
+    for layer in opt.layers:
+        gw = grads[layer.name + ".weight"].reshape(n, layer.out_dim, -1)
+        gb = grads[layer.name + ".bias"][:, :, None]
+        per = torch.cat([gw, gb], 2)                                  # [N, out, in + 1]
+        F = per.reshape(n, -1).mT @ per.reshape(n, -1) / n
+        trace = float(layer.A.trace() * layer.G.trace() / F.trace())
+        V = torch.randn(32, layer.out_dim, layer.in_dim, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed))
+        vKv = (V * (layer.G @ V @ layer.A)).sum((1, 2))            # vec(V)ᵀ (G ⊗ A) vec(V)
+        vFv = (V.reshape(32, -1) @ F * V.reshape(32, -1)).sum(1)
+        out[layer.name] = (layer.kind, trace, float(vKv.mean() / vFv.mean()))
+    return out
+
+
+def test_kronecker_factors_have_the_scale_of_the_per_sample_fisher():
+    """KFAC-expand: tr(A)tr(G) ≈ tr(F) for convs (stride, padding, dilation) and a Linear
+    on sequence inputs, as for a plain Linear (the old per-position G was 1/16 of it)."""
+    ratios = fisher_scale_ratios()
+    assert [k for k, _, _ in ratios.values()] == ["conv2d", "conv2d", "linear", "linear"]
+    for name, (_, trace, quad) in ratios.items():
+        assert 0.5 <= trace <= 1.5, (name, trace)
+        assert 0.5 <= quad <= 1.5, (name, quad)
