@@ -219,11 +219,17 @@ class KFAC(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One K-FAC step: factors and inverses when due, then the preconditioned update."""
+        """One K-FAC step: factors and inverses when due, then the preconditioned update.
+        A step with no gradient on any parameter is a no-op (it does not count)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if all(p.grad is None for g in self.param_groups for p in g["params"]):
+            # no gradient at all (a step skipped by the probe, or stepped before a backward):
+            # nothing moves, the step count and the factor/inverse schedules included, and the
+            # statistics collected since the last factor step wait for the next real step
+            return loss
         group = self.param_groups[0]
         lr, damping = group["lr"], group["damping"]
         bus = self.bus
