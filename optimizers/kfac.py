@@ -86,6 +86,7 @@ class KFAC(torch.optim.Optimizer):
                  max_condition: float | None = 1e6, policy: str = "auto", auto_rho: float = 1.0,
                  auto_t_max: int = 8192, woodbury_store: str = "auto",
                  woodbury_dtype: torch.dtype = torch.float32, skip: Iterable[Any] = (),
+                 grad_scaler: torch.amp.GradScaler | None = None,
                  bus: hooks.Bus | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -108,6 +109,9 @@ class KFAC(torch.optim.Optimizer):
         if woodbury_dtype not in STORE_DTYPES:
             raise ValueError(f"woodbury_dtype must be one of torch.float32, torch.float16, "
                              f"torch.bfloat16, got {woodbury_dtype!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got "
+                             f"{type(grad_scaler).__name__}")
         skipped = self._resolve_skip(model, skip)
         self.bus = hooks.resolve_bus(bus)
 
@@ -143,6 +147,8 @@ class KFAC(torch.optim.Optimizer):
         self.auto_t_max = auto_t_max
         self.woodbury_store = woodbury_store
         self.woodbury_dtype = woodbury_dtype
+        #: the GradScaler whose scaled backward feeds the hooks (None: gradients unscaled)
+        self.grad_scaler = grad_scaler
         self.steps = 0
         self._collected = False
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer))
@@ -208,13 +214,31 @@ class KFAC(torch.optim.Optimizer):
                 # A joins the collection only with its backward: eval-style forwards in
                 # training mode without a backward leave the factors alone
                 with torch.no_grad():
-                    layer.add(a_cov, t, grad_columns(module, g.detach()), n,
+                    g = g.detach()
+                    inv = self._inverse_grad_scale(g.device, layer.dtype)
+                    if inv is not None:  # G from the unscaled output gradients
+                        g = g.to(layer.dtype) * inv
+                    layer.add(a_cov, t, grad_columns(module, g), n,
                               self._keep_rows(layer, t))
                 self._collected = True
 
             output.register_hook(on_grad)
 
         return hook
+
+    def _inverse_grad_scale(self, device: torch.device, dtype: torch.dtype
+                            ) -> torch.Tensor | None:
+        """``1 / scale`` of the GradScaler behind this backward, a 0-d tensor on ``device``
+        (no host sync), or None when the gradients are not scaled. Read in the backward hook:
+        the scale of the backward that made ``g``, also when the scaler skips the step that
+        follows and lowers its scale before the statistics are folded in."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)  # the tensor scale() multiplied the loss by
+        if not isinstance(scale, torch.Tensor):  # scale() not called yet: nothing was scaled
+            return None
+        return scale.to(device=device, dtype=torch.float64).reciprocal().to(dtype)
 
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()

@@ -634,3 +634,50 @@ def test_kronecker_factors_have_the_scale_of_the_per_sample_fisher():
     for name, (_, trace, quad) in ratios.items():
         assert 0.5 <= trace <= 1.5, (name, trace)
         assert 0.5 <= quad <= 1.5, (name, quad)
+
+
+# -- GradScaler: G from unscaled output gradients ---------------------------------------------
+
+def _scaled_run(init_scale=None, growth_interval=2000, pass_scaler=True, steps=5):
+    torch.manual_seed(0)
+    # conv (T = 16*36 > 8: eig), fc (T = 16 <= 32: Woodbury under auto), head (eig)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 32), nn.Tanh(), nn.Linear(32, 4))
+    scaler = None if init_scale is None else torch.amp.GradScaler(
+        "cpu", init_scale=init_scale, growth_interval=growth_interval)
+    opt = KFAC(model, lr=0.1, factor_every=1, inverse_every=2, bus=hooks.Bus(),
+               grad_scaler=scaler if pass_scaler else None)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(16, 3, 6, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # unscale_ on the parameters' grads, then opt.step()
+            scaler.update()
+        opt.zero_grad()
+    assert [layer.inverse_policy for layer in opt.layers] == ["eig", "woodbury", "eig"]
+    return [p.detach().clone() for p in model.parameters()], scaler
+
+
+@pytest.mark.parametrize("init_scale, growth_interval", [(1024.0, 2000), (65536.0, 1)])
+def test_grad_scaler_run_equals_the_unscaled_run(init_scale, growth_interval):
+    """With grad_scaler=, the factors come from output gradients divided by the scale of
+    their backward, so a scaled run (the scale growing every step, too) is the unscaled run."""
+    ref, _ = _scaled_run()
+    got, scaler = _scaled_run(init_scale, growth_interval)
+    if growth_interval == 1:
+        assert scaler.get_scale() == init_scale * 2 ** 5  # the scale moved between steps
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # without it, G is scale² too large and the run is a different one
+    off, _ = _scaled_run(init_scale, growth_interval, pass_scaler=False)
+    assert max(float((a - b).abs().max()) for a, b in zip(ref, off)) > 0.1
+
+
+def test_grad_scaler_must_be_a_grad_scaler():
+    with pytest.raises(ValueError, match="grad_scaler must be a torch.amp.GradScaler"):
+        KFAC(nn.Linear(2, 2), grad_scaler=1024.0, bus=hooks.Bus())
