@@ -298,19 +298,24 @@ class KFAC(torch.optim.Optimizer):
             sums.append(layer.a_sum if layer.a_sum is not None
                         else zero((layer.in_dim, layer.in_dim), dtype=layer.dtype))
             if layer.policy == "eig":
-                sums.append(layer.g_sum if layer.g_sum is not None
+                # KFAC-expand: G sums over each sample's rows and averages over the N samples
+                # (a conv's G is R = Ho*Wo times a per-row average); divided before the sum
+                # over ranks, from the range-safe form, so only a G out of range overflows
+                g = layer.g_sum_over(max(samples[i], 1))
+                sums.append(g if g is not None
                             else zero((layer.out_dim, layer.out_dim), dtype=layer.dtype))
         sums = kfac_dist.all_reduce_sum(sums)
         decay = self.factor_decay
         k = 0
         for i, layer in active:
-            # KFAC-expand: A averages over the T rows, G sums over each sample's rows and
-            # averages over the N samples (a conv's G is R = Ho*Wo times a per-row average)
             T, N = totals[i], max(samples[i], 1)
-            layer.A = _running(layer.A, sums[k] / T, decay)
+            # A averages over the T rows. A factor out of the dtype's range (gradients of
+            # ~1e19 and up in float32) is not folded in: the layer keeps its previous factor
+            # (none yet: a NaN placeholder, dropped by the inverse refresh) and it is counted
+            layer.A, ok_a = _fold(layer.A, sums[k] / T, decay)
             k += 1
             if layer.policy == "eig":
-                layer.G = _running(layer.G, sums[k] / N, decay)
+                layer.G, ok_g = _fold(layer.G, sums[k], decay)
                 layer.U = None
                 k += 1
             else:
@@ -318,8 +323,12 @@ class KFAC(torch.optim.Optimizer):
                                              [c[i] for c in per_rank])
                 # the latest rows (a running UUᵀ would not be low rank), scaled by sqrt(T/N)
                 # so that G = U Uᵀ / T is the expand factor Σ g gᵀ / N
-                layer.U = rows.mT if T == N else rows.mT * math.sqrt(T / N)
+                U = rows.mT if T == N else rows.mT * math.sqrt(T / N)
+                ok_g = _gram_in_range(U)
+                layer.U = torch.where(ok_g, U, math.nan)
                 layer.G = None
+            layer.overflow = (~ok_a).to(torch.int64) + (~ok_g).to(torch.int64)
+            layer.overflows = layer.overflows + layer.overflow
             layer.tokens = T
         for layer in layers:
             layer.reset_collection()
@@ -330,10 +339,15 @@ class KFAC(torch.optim.Optimizer):
         for layer in self.layers if layers is None else layers:
             if not layer.has_factors():
                 continue
-            factors = [layer.A, layer.G if layer.policy == "eig" else layer.U]
-            if not all(bool(torch.isfinite(f).all()) for f in factors):
-                # a non-finite batch: keep the last good inverse, restart the averages
-                layer.A = layer.G = layer.U = None
+            bad_a = not bool(torch.isfinite(layer.A).all())
+            bad_g = not bool(torch.isfinite(layer.G if layer.policy == "eig" else layer.U).all())
+            if bad_a or bad_g:
+                # a first collection out of range (or a factor poisoned in a checkpoint): keep
+                # the last good inverse, restart the bad factor at the next collection
+                if bad_a:
+                    layer.A = None
+                if bad_g:
+                    layer.G = layer.U = None
                 continue
             # what this inverse is made of, so a checkpoint can rebuild it exactly
             inputs = {"A": layer.A.clone(), "G": None if layer.G is None else layer.G.clone(),
@@ -407,12 +421,18 @@ class KFAC(torch.optim.Optimizer):
         scale = None
         if self.kl_clip is not None:
             # ν = min(1, sqrt(kl_clip / (lr² Σ ⟨NG, ∇⟩))): a tensor, no host sync
+            # range-safely: ⟨NG, ∇/m⟩·m with m = max|∇| and the sum in float64, so that a huge
+            # gradient on a stale inverse (its factor overflowed) still gets a bounded step
+            dots = []
+            for _, v, ng in pairs:
+                m = v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
+                dots.append(torch.dot(ng.reshape(-1), (v / m).reshape(-1)).to(torch.float64)
+                            * m.to(torch.float64))
+            vg = torch.stack(dots).sum() * (lr * lr)
             dt = torch.float64 if all(ng.dtype == torch.float64 for _, _, ng in pairs) \
                 else torch.float32
-            vg = torch.stack([torch.dot(ng.reshape(-1), v.reshape(-1)).to(dt)
-                              for _, v, ng in pairs]).sum() * (lr * lr)
             tiny = torch.finfo(vg.dtype).tiny
-            scale = torch.sqrt(self.kl_clip / vg.clamp_min(tiny)).clamp(max=1.0)
+            scale = torch.sqrt(self.kl_clip / vg.clamp_min(tiny)).clamp(max=1.0).to(dt)
         for layer, _, ng in pairs:
             if scale is not None:
                 ng = ng * scale
@@ -464,6 +484,10 @@ class KFAC(torch.optim.Optimizer):
                     bus.emit(topic, layer.stats[key], param=layer.name)
             if layer.tokens and bus.wants("kfac/tokens"):
                 bus.emit("kfac/tokens", layer.tokens, param=layer.name)
+            if layer.overflow is not None:  # a factor step: how many factors were dropped
+                if bus.wants("kfac/overflow"):
+                    bus.emit("kfac/overflow", layer.overflow, param=layer.name)
+                layer.overflow = None
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -547,9 +571,19 @@ class KFAC(torch.optim.Optimizer):
                                  f"{tuple(U.shape)}, expected ({layer.out_dim}, T)")
 
 
-def _running(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
-    """Running average; the first estimate starts it."""
+def _fold(old: torch.Tensor | None, new: torch.Tensor, decay: float
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(running average, ok)``: ``new`` folded into ``old`` when it is finite (``ok``, a
+    0-d bool tensor: no host sync), else ``old`` unchanged; the first estimate starts it (a
+    non-finite first estimate leaves a NaN factor that the inverse refresh drops)."""
+    ok = torch.isfinite(new).all()
     if old is None:
-        return new.clone()
-    # a non-finite batch poisons the average; the inverse refresh finds it and restarts it
-    return torch.lerp(old, new, 1 - decay)
+        return torch.where(ok, new, math.nan), ok
+    return torch.where(ok, torch.lerp(old, new, 1 - decay), old), ok
+
+
+def _gram_in_range(U: torch.Tensor) -> torch.Tensor:
+    """Whether ``U Uᵀ / T`` (``U`` ``[out, T]``) and the Woodbury arithmetic on it stay in
+    ``U``'s dtype range: finite entries whose square times ``out`` fits (0-d bool tensor)."""
+    m = U.abs().amax().to(torch.float64) if U.numel() else U.new_zeros((), dtype=torch.float64)
+    return torch.isfinite(U).all() & (m * m * U.shape[0] < torch.finfo(U.dtype).max)

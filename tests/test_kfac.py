@@ -681,3 +681,83 @@ def test_grad_scaler_run_equals_the_unscaled_run(init_scale, growth_interval):
 def test_grad_scaler_must_be_a_grad_scaler():
     with pytest.raises(ValueError, match="grad_scaler must be a torch.amp.GradScaler"):
         KFAC(nn.Linear(2, 2), grad_scaler=1024.0, bus=hooks.Bus())
+
+
+# -- factors out of float32 range (issue 19.1) -------------------------------------------------
+
+def _overflow_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 8),
+                         nn.Tanh(), nn.Linear(8, 4))
+
+
+def _overflow_run(policy, scales):
+    """Steps with the loss multiplied by ``scales[s]``: per step the update norm and each
+    layer's kfac/overflow, on a model whose every parameter K-FAC preconditions."""
+    model = _overflow_net()
+    bus = hooks.Bus()
+    rec = Recorder()
+    bus.subscribe(rec, "kfac/overflow")
+    opt = KFAC(model, lr=0.05, factor_every=1, inverse_every=1, policy=policy, bus=bus)
+    g = torch.Generator().manual_seed(0)
+    steps = []
+    for s, scale in enumerate(scales):
+        bus.begin_step(s)
+        (model(torch.randn(8, 3, 6, 6, generator=g)).square().mean() * scale).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        bus.end_step()
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), (s, scale)
+        norm = float(sum(((p.detach() - b) ** 2).sum()
+                         for p, b in zip(model.parameters(), before)))
+        steps.append((norm ** 0.5, {e.tags["param"]: e.value for e in rec.events
+                                    if e.step == s}))
+    return steps, opt
+
+
+@pytest.mark.parametrize("policy", ["eig", "woodbury"])
+@pytest.mark.parametrize("scale", [1e21, 1e30])
+def test_gradients_out_of_factor_range_keep_the_factors_and_are_reported(policy, scale):
+    """Gradients of ~1e20-1e29 (their outer products overflow float32): the out-of-range G
+    is not folded in, kfac/overflow says so, the layers step on their last inverse with a
+    KL-clipped (bounded) step, and training goes on with finite factors."""
+    steps, opt = _overflow_run(policy, [1.0, 1.0, 1.0, scale, scale, 1.0, 1.0])
+    normal = max(n for n, _ in steps[:3])
+    for s in (3, 4):
+        norm, overflow = steps[s]
+        assert set(overflow) == {"0", "3", "5"} and sum(overflow.values()) >= 2, overflow
+        assert norm <= 3 * normal, (s, norm, normal)
+    for s in (0, 1, 2, 6):
+        assert set(steps[s][1].values()) == {0.0}
+    for layer in opt.layers:  # the factors kept (or restarted) are finite
+        assert bool(torch.isfinite(layer.A).all())
+        assert bool(torch.isfinite(layer.G if layer.policy == "eig"
+                                   else layer.latest_rows()).all())
+    assert sum(int(layer.overflows) for layer in opt.layers) >= 4
+
+
+def test_a_first_collection_out_of_range_leaves_the_layer_on_sgd():
+    """No previous factor to keep: the layer takes plain SGD (finite) and reports; the next
+    ordinary step starts the factors afresh."""
+    steps, opt = _overflow_run("eig", [1e21, 1.0])
+    assert sum(steps[0][1].values()) >= 1 and set(steps[1][1].values()) == {0.0}
+    assert all(layer.ready for layer in opt.layers)
+
+
+def test_range_safe_g_sum_matches_float64():
+    """G of per-sample gradients ~4e18 (products ~1e37, a diagonal entry's sum over the 64
+    rows past float32's 3.4e38, the average not) equals the float64 factor: the sum is kept
+    max-abs-normalised."""
+    torch.manual_seed(1)
+    lin = nn.Linear(5, 4)
+    x = torch.randn(64, 5)
+    opt = KFAC(lin, policy="eig", bus=hooks.Bus())
+    y = lin(x)
+    e = torch.randn_like(y) * 4e18
+    (y * e).sum(1).mean().backward()  # per-sample dℓ/dy = e
+    opt.step()
+    ref = e.double().mT @ e.double() / 64
+    assert float((e.double() ** 2).sum(0).max()) > torch.finfo(torch.float32).max  # raw sum
+    assert float(ref.abs().max()) < torch.finfo(torch.float32).max / 10
+    torch.testing.assert_close(opt.layers[0].G.double(), ref, rtol=1e-5, atol=0)
