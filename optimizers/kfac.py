@@ -3,8 +3,11 @@ reporting how well conditioned its curvature is and what it did to stay stable.
 
 Every ``factor_every`` steps (training mode only) module hooks collect ``A = E[a aᵀ]`` and
 ``G = E[g gᵀ]`` into running averages; every ``inverse_every`` steps each layer's factors are
-inverted, by eigendecomposition (``eig``) or, for a G side backed by few rows ``T``, by the
-Woodbury identity on a ``T x T`` matrix (``woodbury``). Each step preconditions the layers'
+inverted, by eigendecomposition (``eig``) or, for a G side backed by few rows ``T``, through a
+``T x T`` matrix (``woodbury``: G's eigenpairs from the Gram, the eig path's exact step; or,
+with ``woodbury_damping="factored"``, the Woodbury identity with the damping split between
+the factors). ``A`` averages over rows, ``G`` sums over each sample's rows (KFAC-expand).
+Each step preconditions the layers'
 gradients, clips the step's KL (``kl_clip``) and applies SGD with momentum and decoupled
 weight decay; other parameters (and layers in ``skip``) get that SGD on their raw gradient.
 Under torch.distributed the factors (and the Woodbury rows, hence their Gram) are combined
@@ -26,16 +29,25 @@ from optimizers.kfac_layers import KFACLayer, grad_columns, input_covariance, un
 from optimizers.kfac_math import (
     damped_condition,
     factored_damping,
+    lowrank_natural_gradient,
     natural_gradient,
     woodbury_natural_gradient,
 )
 from optimizers.linalg import clipped_eigh
-from optimizers.woodbury import STORE_DTYPES, WoodburyInverse
+from optimizers.woodbury import STORE_DTYPES, LowRankEig, WoodburyInverse
 
-__all__ = ["KFAC", "choose_policy", "natural_gradient", "woodbury_natural_gradient"]
+__all__ = ["KFAC", "choose_policy", "lowrank_natural_gradient", "natural_gradient",
+           "woodbury_natural_gradient"]
 
 POLICIES = ("eig", "woodbury", "auto")
 STORES = ("auto", "device", "cpu")
+WOODBURY_DAMPINGS = ("exact", "factored")
+#: what the kfac/policy text says about a Woodbury layer's damping
+DAMPING_NOTE = {
+    "exact": "exact damping (the eig path's step, G's eigenpairs from the T x T Gram)",
+    "factored": "factored damping (d_A = pi*sqrt(d), d_G = sqrt(d)/pi: not the eig path's "
+                "Tikhonov step, 29-61% from it at batch 16 in docs/kfac.md)",
+}
 
 
 def choose_policy(policy: str, tokens: int, out_dim: int, rho: float, t_max: int
@@ -85,7 +97,8 @@ class KFAC(torch.optim.Optimizer):
                  factor_every: int = 10, inverse_every: int = 100, kl_clip: float | None = 1e-3,
                  max_condition: float | None = 1e6, policy: str = "auto", auto_rho: float = 1.0,
                  auto_t_max: int = 8192, woodbury_store: str = "auto",
-                 woodbury_dtype: torch.dtype = torch.float32, skip: Iterable[Any] = (),
+                 woodbury_dtype: torch.dtype = torch.float32,
+                 woodbury_damping: str = "exact", skip: Iterable[Any] = (),
                  grad_scaler: torch.amp.GradScaler | None = None,
                  bus: hooks.Bus | None = None) -> None:
         if not isinstance(model, nn.Module):
@@ -106,6 +119,9 @@ class KFAC(torch.optim.Optimizer):
         if woodbury_store not in STORES:
             raise ValueError(f"woodbury_store must be one of {', '.join(STORES)}, "
                              f"got {woodbury_store!r}")
+        if woodbury_damping not in WOODBURY_DAMPINGS:
+            raise ValueError(f"woodbury_damping must be one of {', '.join(WOODBURY_DAMPINGS)}, "
+                             f"got {woodbury_damping!r}")
         if woodbury_dtype not in STORE_DTYPES:
             raise ValueError(f"woodbury_dtype must be one of torch.float32, torch.float16, "
                              f"torch.bfloat16, got {woodbury_dtype!r}")
@@ -147,6 +163,7 @@ class KFAC(torch.optim.Optimizer):
         self.auto_t_max = auto_t_max
         self.woodbury_store = woodbury_store
         self.woodbury_dtype = woodbury_dtype
+        self.woodbury_damping = woodbury_damping
         #: the GradScaler whose scaled backward feeds the hooks (None: gradients unscaled)
         self.grad_scaler = grad_scaler
         self.steps = 0
@@ -286,6 +303,8 @@ class KFAC(torch.optim.Optimizer):
         for i, layer in active:
             name, reason = choose_policy(self.policy, totals[i], layer.out_dim, self.auto_rho,
                                          self.auto_t_max)
+            if name == "woodbury":
+                reason = f"{reason}; {DAMPING_NOTE[self.woodbury_damping]}"
             if name != layer.policy:
                 layer.policy, layer.reason = name, reason
                 if self.bus.wants("kfac/policy"):
@@ -364,6 +383,21 @@ class KFAC(torch.optim.Optimizer):
                 layer.QA, layer.lA, layer.QG, layer.lG = QA, lA, QG, lG
                 stats.update(cond_A=damped_condition(lA, dA.to(lA.dtype)),
                              cond_G=damped_condition(lG, dG.to(lG.dtype)), clipped_G=cG)
+            elif self.woodbury_damping == "exact":
+                with self.bus.span("kfac/woodbury", param=layer.name):
+                    device, pin = self._woodbury_home(layer, budget)
+                    low = LowRankEig(layer.U, layer.tokens, max_condition=kappa,
+                                     store_dtype=self.woodbury_dtype, store_device=device,
+                                     pin=pin)
+                    if device == layer.weight.device:
+                        budget -= low.nbytes
+                    dA, dG = factored_damping(lA.mean(), low.mean, damping)  # telemetry only
+                    dA, dG = dA.to(lA.dtype), dG.to(lA.dtype)
+                layer.clear_inverse()
+                layer.wood, layer.QA, layer.lA, layer.U = low, QA, lA, None
+                lG = torch.stack([low.lam_min, low.lam_max])
+                stats.update(cond_A=damped_condition(lA, dA), clipped_G=low.clipped,
+                             cond_G=damped_condition(lG, dG.to(lG.dtype)))
             else:
                 with self.bus.span("kfac/woodbury", param=layer.name):
                     U, T = layer.U, layer.tokens
@@ -413,7 +447,9 @@ class KFAC(torch.optim.Optimizer):
                     layer.inv_denom = 1.0 / (layer.lG[:, None] * layer.lA[None, :] + damping)
                     layer.denom_damping = damping
                 ng = layer.QG @ ((layer.QG.mT @ v @ layer.QA) * layer.inv_denom) @ layer.QA.mT
-            else:
+            elif layer.A_inv is None:  # low-rank G, exact Tikhonov damping
+                ng = layer.wood.apply(v @ layer.QA, layer.lA, damping) @ layer.QA.mT
+            else:  # Woodbury, factored damping
                 ng = layer.wood.apply(v @ layer.A_inv)
             pairs.append((layer, v, ng))
         if not pairs:
@@ -584,6 +620,6 @@ def _fold(old: torch.Tensor | None, new: torch.Tensor, decay: float
 
 def _gram_in_range(U: torch.Tensor) -> torch.Tensor:
     """Whether ``U Uᵀ / T`` (``U`` ``[out, T]``) and the Woodbury arithmetic on it stay in
-    ``U``'s dtype range: finite entries whose square times ``out`` fits (0-d bool tensor)."""
+    ``U``'s dtype range: finite entries whose square times ``out·T`` fits (0-d bool)."""
     m = U.abs().amax().to(torch.float64) if U.numel() else U.new_zeros((), dtype=torch.float64)
-    return torch.isfinite(U).all() & (m * m * U.shape[0] < torch.finfo(U.dtype).max)
+    return torch.isfinite(U).all() & (m * m * U.numel() < torch.finfo(U.dtype).max)

@@ -38,7 +38,12 @@ def _factored_reference(V, A, G, d=D):
     return scipy.linalg.solve(F, V.ravel(), assume_a="pos").reshape(V.shape)
 
 
-REFERENCE = {"eig": _eig_reference, "woodbury": _factored_reference}
+# path -> (KFAC arguments, dense reference): the low-rank path with exact damping is the eig
+# path's step; with factored damping it is the factored Kronecker solve
+PATHS = {"eig": (dict(policy="eig"), _eig_reference),
+         "woodbury": (dict(policy="woodbury"), _eig_reference),
+         "woodbury-factored": (dict(policy="woodbury", woodbury_damping="factored"),
+                               _factored_reference)}
 
 
 def _step_delta(model, opt, loss_fn):
@@ -77,14 +82,16 @@ def _mlp_reference(model, x, t):
     return layers
 
 
-@pytest.mark.parametrize("policy", ["eig", "woodbury"])
-def test_linear_step_equals_dense_kronecker_solve(policy):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_linear_step_equals_dense_kronecker_solve(path):
     model, x, t = _mlp_data()
     refs = _mlp_reference(model, x, t)
-    opt = _kfac(model, policy=policy)
+    kwargs, reference = PATHS[path]
+    policy = kwargs["policy"]
+    opt = _kfac(model, **kwargs)
     delta = _step_delta(model, opt, lambda: 0.5 * ((model(x) - t) ** 2).sum(1).mean())
     for k, (A, G, V) in enumerate(refs):
-        ng = REFERENCE[policy](V, A, G)
+        ng = reference(V, A, G)
         got = torch.cat([delta[2 * k], delta[2 * k + 1][:, None]], 1).numpy()
         np.testing.assert_allclose(got, ng, rtol=1e-7, atol=1e-10)
     assert [layer.inverse_policy for layer in opt.layers] == [policy, policy]
@@ -122,7 +129,7 @@ def _im2col(x, k, stride, pad, mode, dil=1):
     return np.array(rows), ho, wo
 
 
-@pytest.mark.parametrize("policy", ["eig", "woodbury"])
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("cfg", [
     dict(stride=1, padding=1, padding_mode="zeros", np_pad=((1, 1), (1, 1)), mode="constant"),
     dict(stride=2, padding=0, padding_mode="zeros", np_pad=((0, 0), (0, 0)), mode="constant"),
@@ -134,7 +141,7 @@ def _im2col(x, k, stride, pad, mode, dil=1):
     dict(stride=1, padding="same", padding_mode="zeros", np_pad=((2, 2), (2, 2)),
          mode="constant", dilation=2),
 ])
-def test_conv2d_step_equals_dense_kronecker_solve(policy, cfg):
+def test_conv2d_step_equals_dense_kronecker_solve(path, cfg):
     torch.manual_seed(2)
     dil = cfg.get("dilation", 1)
     conv = nn.Conv2d(2, 3, 3, stride=cfg["stride"], padding=cfg["padding"], dilation=dil,
@@ -150,10 +157,11 @@ def test_conv2d_step_equals_dense_kronecker_solve(policy, cfg):
     e = y - t.numpy().transpose(0, 2, 3, 1).reshape(-1, 3)     # N * dL/dy per position
     T, N = a.shape[0], 4
     A, G, V = a.T @ a / T, e.T @ e / N, e.T @ a / N  # KFAC-expand: G sums over positions
-    opt = _kfac(conv, policy=policy)
+    kwargs, reference = PATHS[path]
+    opt = _kfac(conv, **kwargs)
     delta = _step_delta(conv, opt, lambda: 0.5 * ((conv(x) - t) ** 2).sum((1, 2, 3)).mean())
     got = torch.cat([delta[0].reshape(3, -1), delta[1][:, None]], 1).numpy()
-    np.testing.assert_allclose(got, REFERENCE[policy](V, A, G), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(got, reference(V, A, G), rtol=1e-7, atol=1e-10)
     assert opt.layers[0].tokens == T == 4 * ho * wo
 
 
@@ -284,9 +292,9 @@ def test_auto_policy_is_emitted_when_it_changes():
         opt.zero_grad()
         bus.end_step()
     pol = [(e.step, e.value) for e in rec.events if e.topic == "kfac/policy"]
-    assert pol == [(0, "woodbury: T=4 <= auto_rho*out=1*8 and <= auto_t_max=8192"),
-                   (2, "eig: T=16 > auto_rho*out=1*8"),
-                   (4, "woodbury: T=4 <= auto_rho*out=1*8 and <= auto_t_max=8192")]
+    wood = ("woodbury: T=4 <= auto_rho*out=1*8 and <= auto_t_max=8192; exact damping (the "
+            "eig path's step, G's eigenpairs from the T x T Gram)")
+    assert pol == [(0, wood), (2, "eig: T=16 > auto_rho*out=1*8"), (4, wood)]
     assert {e.tags["param"] for e in rec.events} == {"Linear"}  # a bare layer: its class
     assert [e.value for e in rec.events if e.topic == "kfac/tokens"] == [4, 4, 16, 16, 4]
     assert [layer.inverse_policy for layer in opt.layers] == ["woodbury"]
@@ -341,7 +349,7 @@ def test_woodbury_telemetry_against_eigvalsh():
     bus = hooks.Bus()
     rec = Recorder()
     bus.subscribe(rec, ["kfac/*", "time/kfac/*"])
-    opt = KFAC(lin, damping=1e-6, max_condition=kappa, bus=bus)
+    opt = KFAC(lin, damping=1e-6, max_condition=kappa, woodbury_damping="factored", bus=bus)
     bus.begin_step(0)
     y = lin(x)
     e = torch.randn_like(y)
@@ -363,6 +371,38 @@ def test_woodbury_telemetry_against_eigvalsh():
     assert "time/kfac/woodbury" in {e.topic for e in rec.events}
 
 
+def test_exact_woodbury_telemetry_is_the_eig_paths():
+    """woodbury_damping="exact": cond_G and clipped_G as the eig path reports them for the
+    dense G = U Uᵀ/T (numpy's eigvalsh), no Cholesky, hence no kfac/jitter."""
+    torch.manual_seed(6)
+    lin = nn.Linear(6, 20).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    kappa = 50.0
+    bus = hooks.Bus()
+    rec = Recorder()
+    bus.subscribe(rec, ["kfac/*"])
+    opt = KFAC(lin, damping=1e-4, max_condition=kappa, bus=bus)
+    bus.begin_step(0)
+    y = lin(x)
+    e = torch.randn_like(y)
+    (y * e).sum(1).mean().backward()
+    opt.step()
+    bus.end_step()
+    a = np.hstack([x.numpy(), np.ones((5, 1))])
+    wA, cA = _clip(np.linalg.eigvalsh(a.T @ a / 5), kappa)
+    wG, cG = _clip(np.linalg.eigvalsh(e.numpy().T @ e.numpy() / 5), kappa)
+    pi = np.sqrt(wA.mean() / wG.mean())
+    dA, dG = pi * np.sqrt(1e-4), np.sqrt(1e-4) / pi
+    assert opt.layers[0].inverse_policy == "woodbury"
+    assert _events(rec, "kfac/clipped_G")["Linear"] == cG == 15  # 20 outputs, rank 5
+    assert _events(rec, "kfac/clipped_A")["Linear"] == cA
+    assert _events(rec, "kfac/cond_G")["Linear"] == pytest.approx(
+        (wG.max() + dG) / (wG.min() + dG), rel=1e-6)
+    assert _events(rec, "kfac/cond_A")["Linear"] == pytest.approx(
+        (wA.max() + dA) / (wA.min() + dA), rel=1e-6)
+    assert "kfac/jitter" not in {e.topic for e in rec.events}
+
+
 def test_pinv_fallback_is_reported_and_the_step_stays_finite(monkeypatch):
     torch.manual_seed(7)
     lin = nn.Linear(4, 12)
@@ -377,7 +417,7 @@ def test_pinv_fallback_is_reported_and_the_step_stays_finite(monkeypatch):
         return L, torch.ones_like(info)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
-    opt = KFAC(lin, policy="woodbury", bus=bus)
+    opt = KFAC(lin, policy="woodbury", woodbury_damping="factored", bus=bus)
     bus.begin_step(0)
     lin(torch.randn(3, 4)).square().mean().backward()
     opt.step()
@@ -761,3 +801,44 @@ def test_range_safe_g_sum_matches_float64():
     assert float((e.double() ** 2).sum(0).max()) > torch.finfo(torch.float32).max  # raw sum
     assert float(ref.abs().max()) < torch.finfo(torch.float32).max / 10
     torch.testing.assert_close(opt.layers[0].G.double(), ref, rtol=1e-5, atol=0)
+
+
+# -- the auto policy's Woodbury layers against the exact Tikhonov solve ----------------------
+
+def woodbury_vs_exact_tikhonov(woodbury_damping="exact", damping=1e-3, seed=0):
+    """Default policy ("auto") at batch 16 on an MLP whose two hidden layers (out 32, 24 >=
+    T = 16) go the Woodbury way and whose head (out 10) the eig way: per layer, the path taken
+    and ‖step - (G ⊗ A + damping I)⁻¹ g‖ / ‖(G ⊗ A + damping I)⁻¹ g‖, the reference a dense
+    scipy solve of the layer's own factors."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
+                          nn.Linear(24, 10)).double()
+    x = torch.randn(16, 12, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,))
+    opt = KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, damping=damping,
+               woodbury_damping=woodbury_damping, bus=hooks.Bus())
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    out = []
+    for k, layer in enumerate(opt.layers):
+        V = torch.cat([grads[2 * k], grads[2 * k + 1][:, None]], 1).numpy()
+        step = torch.cat([before[2 * k] - model[2 * k].weight.detach(),
+                          (before[2 * k + 1] - model[2 * k].bias.detach())[:, None]], 1).numpy()
+        U = layer.latest_rows()
+        G = (layer.G if layer.G is not None else U @ U.mT / layer.tokens).numpy()
+        exact = _eig_reference(V, layer.A.numpy(), G, damping)
+        out.append((layer.inverse_policy,
+                    float(np.linalg.norm(step - exact) / np.linalg.norm(exact))))
+    return out
+
+
+def test_auto_woodbury_layers_take_the_exact_tikhonov_step():
+    """The default (woodbury_damping="exact") gives the Woodbury layers the eig path's step;
+    the factored split, the old default, is far from it (the figures in docs/kfac.md)."""
+    got = woodbury_vs_exact_tikhonov()
+    assert [p for p, _ in got] == ["woodbury", "woodbury", "eig"]
+    assert all(rel < 1e-6 for _, rel in got), got  # max_condition=1e6 floors G's zeros
+    factored = woodbury_vs_exact_tikhonov("factored")
+    assert all(rel > 0.3 for _, rel in factored[:2]), factored
