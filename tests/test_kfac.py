@@ -842,3 +842,27 @@ def test_auto_woodbury_layers_take_the_exact_tikhonov_step():
     assert all(rel < 1e-6 for _, rel in got), got  # max_condition=1e6 floors G's zeros
     factored = woodbury_vs_exact_tikhonov("factored")
     assert all(rel > 0.3 for _, rel in factored[:2]), factored
+
+
+def test_a_step_the_grad_scaler_skips_leaves_the_factors_finite():
+    """An inf input: the scaler skips opt.step() and halves its scale; the collection that
+    step left (inf rows) is dropped at the next step and counted, the factors stay finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 32), nn.Tanh(), nn.Linear(32, 4))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = KFAC(model, lr=0.1, factor_every=1, inverse_every=2, grad_scaler=scaler,
+               bus=hooks.Bus())
+    g = torch.Generator().manual_seed(1)
+    for s in range(5):
+        x, y = torch.randn(16, 3, 6, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+        if s == 2:
+            x[0, 0, 0, 0] = float("inf")
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert opt.steps == 4 and scaler.get_scale() == 512.0
+    assert [int(layer.overflows) for layer in opt.layers] == [2, 2, 2]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert all(bool(torch.isfinite(layer.A).all()) for layer in opt.layers)
