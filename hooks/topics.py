@@ -85,6 +85,9 @@ _ROWS: tuple[Topic, ...] = (
     Topic("kfac/policy", TEXT, "text", "eig or woodbury, and why (when it changes)", "layer",
           delivery="always"),
     Topic("kfac/tokens", SCALAR, "count", "T, rows behind the G factor", "layer"),
+    Topic("kfac/overflow", SCALAR, "count",
+          "factors (A, G) of the step's collection out of range and not folded in", "layer",
+          delivery="alarm"),
     # block schedule
     Topic("blocks/relevance", SCALAR, "ratio", "EMA of ||g_l|| / (||W_l|| + eps)", "block"),
     Topic("blocks/active", SCALAR, "count", "active trailing blocks"),

@@ -3,8 +3,11 @@ reporting how well conditioned its curvature is and what it did to stay stable.
 
 Every ``factor_every`` steps (training mode only) module hooks collect ``A = E[a aᵀ]`` and
 ``G = E[g gᵀ]`` into running averages; every ``inverse_every`` steps each layer's factors are
-inverted, by eigendecomposition (``eig``) or, for a G side backed by few rows ``T``, by the
-Woodbury identity on a ``T x T`` matrix (``woodbury``). Each step preconditions the layers'
+inverted, by eigendecomposition (``eig``) or, for a G side backed by few rows ``T``, through a
+``T x T`` matrix (``woodbury``: G's eigenpairs from the Gram, the eig path's exact step; or,
+with ``woodbury_damping="factored"``, the Woodbury identity with the damping split between
+the factors). ``A`` averages over rows, ``G`` sums over each sample's rows (KFAC-expand).
+Each step preconditions the layers'
 gradients, clips the step's KL (``kl_clip``) and applies SGD with momentum and decoupled
 weight decay; other parameters (and layers in ``skip``) get that SGD on their raw gradient.
 Under torch.distributed the factors (and the Woodbury rows, hence their Gram) are combined
@@ -26,16 +29,25 @@ from optimizers.kfac_layers import KFACLayer, grad_columns, input_covariance, un
 from optimizers.kfac_math import (
     damped_condition,
     factored_damping,
+    lowrank_natural_gradient,
     natural_gradient,
     woodbury_natural_gradient,
 )
 from optimizers.linalg import clipped_eigh
-from optimizers.woodbury import STORE_DTYPES, WoodburyInverse
+from optimizers.woodbury import STORE_DTYPES, LowRankEig, WoodburyInverse
 
-__all__ = ["KFAC", "choose_policy", "natural_gradient", "woodbury_natural_gradient"]
+__all__ = ["KFAC", "choose_policy", "lowrank_natural_gradient", "natural_gradient",
+           "woodbury_natural_gradient"]
 
 POLICIES = ("eig", "woodbury", "auto")
 STORES = ("auto", "device", "cpu")
+WOODBURY_DAMPINGS = ("exact", "factored")
+#: what the kfac/policy text says about a Woodbury layer's damping
+DAMPING_NOTE = {
+    "exact": "exact damping (the eig path's step, G's eigenpairs from the T x T Gram)",
+    "factored": "factored damping (d_A = pi*sqrt(d), d_G = sqrt(d)/pi: not the eig path's "
+                "Tikhonov step, 29-61% from it at batch 16 in docs/kfac.md)",
+}
 
 
 def choose_policy(policy: str, tokens: int, out_dim: int, rho: float, t_max: int
@@ -85,7 +97,9 @@ class KFAC(torch.optim.Optimizer):
                  factor_every: int = 10, inverse_every: int = 100, kl_clip: float | None = 1e-3,
                  max_condition: float | None = 1e6, policy: str = "auto", auto_rho: float = 1.0,
                  auto_t_max: int = 8192, woodbury_store: str = "auto",
-                 woodbury_dtype: torch.dtype = torch.float32, skip: Iterable[Any] = (),
+                 woodbury_dtype: torch.dtype = torch.float32,
+                 woodbury_damping: str = "exact", skip: Iterable[Any] = (),
+                 grad_scaler: torch.amp.GradScaler | None = None,
                  bus: hooks.Bus | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -105,9 +119,15 @@ class KFAC(torch.optim.Optimizer):
         if woodbury_store not in STORES:
             raise ValueError(f"woodbury_store must be one of {', '.join(STORES)}, "
                              f"got {woodbury_store!r}")
+        if woodbury_damping not in WOODBURY_DAMPINGS:
+            raise ValueError(f"woodbury_damping must be one of {', '.join(WOODBURY_DAMPINGS)}, "
+                             f"got {woodbury_damping!r}")
         if woodbury_dtype not in STORE_DTYPES:
             raise ValueError(f"woodbury_dtype must be one of torch.float32, torch.float16, "
                              f"torch.bfloat16, got {woodbury_dtype!r}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got "
+                             f"{type(grad_scaler).__name__}")
         skipped = self._resolve_skip(model, skip)
         self.bus = hooks.resolve_bus(bus)
 
@@ -143,6 +163,9 @@ class KFAC(torch.optim.Optimizer):
         self.auto_t_max = auto_t_max
         self.woodbury_store = woodbury_store
         self.woodbury_dtype = woodbury_dtype
+        self.woodbury_damping = woodbury_damping
+        #: the GradScaler whose scaled backward feeds the hooks (None: gradients unscaled)
+        self.grad_scaler = grad_scaler
         self.steps = 0
         self._collected = False
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer))
@@ -208,7 +231,11 @@ class KFAC(torch.optim.Optimizer):
                 # A joins the collection only with its backward: eval-style forwards in
                 # training mode without a backward leave the factors alone
                 with torch.no_grad():
-                    layer.add(a_cov, t, grad_columns(module, g.detach()), n,
+                    g = g.detach()
+                    inv = self._inverse_grad_scale(g.device, layer.dtype)
+                    if inv is not None:  # G from the unscaled output gradients
+                        g = g.to(layer.dtype) * inv
+                    layer.add(a_cov, t, grad_columns(module, g), n,
                               self._keep_rows(layer, t))
                 self._collected = True
 
@@ -216,14 +243,34 @@ class KFAC(torch.optim.Optimizer):
 
         return hook
 
+    def _inverse_grad_scale(self, device: torch.device, dtype: torch.dtype
+                            ) -> torch.Tensor | None:
+        """``1 / scale`` of the GradScaler behind this backward, a 0-d tensor on ``device``
+        (no host sync), or None when the gradients are not scaled. Read in the backward hook:
+        the scale of the backward that made ``g``, also when the scaler skips the step that
+        follows and lowers its scale before the statistics are folded in."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)  # the tensor scale() multiplied the loss by
+        if not isinstance(scale, torch.Tensor):  # scale() not called yet: nothing was scaled
+            return None
+        return scale.to(device=device, dtype=torch.float64).reciprocal().to(dtype)
+
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One K-FAC step: factors and inverses when due, then the preconditioned update."""
+        """One K-FAC step: factors and inverses when due, then the preconditioned update.
+        A step with no gradient on any parameter is a no-op (it does not count)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if all(p.grad is None for g in self.param_groups for p in g["params"]):
+            # no gradient at all (a step skipped by the probe, or stepped before a backward):
+            # nothing moves, the step count and the factor/inverse schedules included, and the
+            # statistics collected since the last factor step wait for the next real step
+            return loss
         group = self.param_groups[0]
         lr, damping = group["lr"], group["damping"]
         bus = self.bus
@@ -246,12 +293,18 @@ class KFAC(torch.optim.Optimizer):
     def _update_factors(self) -> None:
         layers = self.layers
         device = layers[0].weight.device
-        per_rank = kfac_dist.gather_counts([layer.rows for layer in layers], device)
+        nl = len(layers)
+        counts = kfac_dist.gather_counts([layer.rows for layer in layers]
+                                         + [layer.samples for layer in layers], device)
+        per_rank = [c[:nl] for c in counts]
         totals = [sum(col) for col in zip(*per_rank)]
+        samples = [sum(c[nl + i] for c in counts) for i in range(nl)]
         active = [(i, layer) for i, layer in enumerate(layers) if totals[i] > 0]
         for i, layer in active:
             name, reason = choose_policy(self.policy, totals[i], layer.out_dim, self.auto_rho,
                                          self.auto_t_max)
+            if name == "woodbury":
+                reason = f"{reason}; {DAMPING_NOTE[self.woodbury_damping]}"
             if name != layer.policy:
                 layer.policy, layer.reason = name, reason
                 if self.bus.wants("kfac/policy"):
@@ -264,24 +317,37 @@ class KFAC(torch.optim.Optimizer):
             sums.append(layer.a_sum if layer.a_sum is not None
                         else zero((layer.in_dim, layer.in_dim), dtype=layer.dtype))
             if layer.policy == "eig":
-                sums.append(layer.g_sum if layer.g_sum is not None
+                # KFAC-expand: G sums over each sample's rows and averages over the N samples
+                # (a conv's G is R = Ho*Wo times a per-row average); divided before the sum
+                # over ranks, from the range-safe form, so only a G out of range overflows
+                g = layer.g_sum_over(max(samples[i], 1))
+                sums.append(g if g is not None
                             else zero((layer.out_dim, layer.out_dim), dtype=layer.dtype))
         sums = kfac_dist.all_reduce_sum(sums)
         decay = self.factor_decay
         k = 0
         for i, layer in active:
-            T = totals[i]
-            layer.A = _running(layer.A, sums[k] / T, decay)
+            T, N = totals[i], max(samples[i], 1)
+            # A averages over the T rows. A factor out of the dtype's range (gradients of
+            # ~1e19 and up in float32) is not folded in: the layer keeps its previous factor
+            # (none yet: a NaN placeholder, dropped by the inverse refresh) and it is counted
+            layer.A, ok_a = _fold(layer.A, sums[k] / T, decay)
             k += 1
             if layer.policy == "eig":
-                layer.G = _running(layer.G, sums[k] / T, decay)
+                layer.G, ok_g = _fold(layer.G, sums[k], decay)
                 layer.U = None
                 k += 1
             else:
                 rows = kfac_dist.gather_rows(layer.collected_rows(),
                                              [c[i] for c in per_rank])
-                layer.U = rows.mT  # the latest rows: a running UUᵀ would not be low rank
+                # the latest rows (a running UUᵀ would not be low rank), scaled by sqrt(T/N)
+                # so that G = U Uᵀ / T is the expand factor Σ g gᵀ / N
+                U = rows.mT if T == N else rows.mT * math.sqrt(T / N)
+                ok_g = _gram_in_range(U)
+                layer.U = torch.where(ok_g, U, math.nan)
                 layer.G = None
+            layer.overflow = (~ok_a).to(torch.int64) + (~ok_g).to(torch.int64)
+            layer.overflows = layer.overflows + layer.overflow
             layer.tokens = T
         for layer in layers:
             layer.reset_collection()
@@ -292,10 +358,15 @@ class KFAC(torch.optim.Optimizer):
         for layer in self.layers if layers is None else layers:
             if not layer.has_factors():
                 continue
-            factors = [layer.A, layer.G if layer.policy == "eig" else layer.U]
-            if not all(bool(torch.isfinite(f).all()) for f in factors):
-                # a non-finite batch: keep the last good inverse, restart the averages
-                layer.A = layer.G = layer.U = None
+            bad_a = not bool(torch.isfinite(layer.A).all())
+            bad_g = not bool(torch.isfinite(layer.G if layer.policy == "eig" else layer.U).all())
+            if bad_a or bad_g:
+                # a first collection out of range (or a factor poisoned in a checkpoint): keep
+                # the last good inverse, restart the bad factor at the next collection
+                if bad_a:
+                    layer.A = None
+                if bad_g:
+                    layer.G = layer.U = None
                 continue
             # what this inverse is made of, so a checkpoint can rebuild it exactly
             inputs = {"A": layer.A.clone(), "G": None if layer.G is None else layer.G.clone(),
@@ -312,6 +383,21 @@ class KFAC(torch.optim.Optimizer):
                 layer.QA, layer.lA, layer.QG, layer.lG = QA, lA, QG, lG
                 stats.update(cond_A=damped_condition(lA, dA.to(lA.dtype)),
                              cond_G=damped_condition(lG, dG.to(lG.dtype)), clipped_G=cG)
+            elif self.woodbury_damping == "exact":
+                with self.bus.span("kfac/woodbury", param=layer.name):
+                    device, pin = self._woodbury_home(layer, budget)
+                    low = LowRankEig(layer.U, layer.tokens, max_condition=kappa,
+                                     store_dtype=self.woodbury_dtype, store_device=device,
+                                     pin=pin)
+                    if device == layer.weight.device:
+                        budget -= low.nbytes
+                    dA, dG = factored_damping(lA.mean(), low.mean, damping)  # telemetry only
+                    dA, dG = dA.to(lA.dtype), dG.to(lA.dtype)
+                layer.clear_inverse()
+                layer.wood, layer.QA, layer.lA, layer.U = low, QA, lA, None
+                lG = torch.stack([low.lam_min, low.lam_max])
+                stats.update(cond_A=damped_condition(lA, dA), clipped_G=low.clipped,
+                             cond_G=damped_condition(lG, dG.to(lG.dtype)))
             else:
                 with self.bus.span("kfac/woodbury", param=layer.name):
                     U, T = layer.U, layer.tokens
@@ -361,7 +447,9 @@ class KFAC(torch.optim.Optimizer):
                     layer.inv_denom = 1.0 / (layer.lG[:, None] * layer.lA[None, :] + damping)
                     layer.denom_damping = damping
                 ng = layer.QG @ ((layer.QG.mT @ v @ layer.QA) * layer.inv_denom) @ layer.QA.mT
-            else:
+            elif layer.A_inv is None:  # low-rank G, exact Tikhonov damping
+                ng = layer.wood.apply(v @ layer.QA, layer.lA, damping) @ layer.QA.mT
+            else:  # Woodbury, factored damping
                 ng = layer.wood.apply(v @ layer.A_inv)
             pairs.append((layer, v, ng))
         if not pairs:
@@ -369,12 +457,18 @@ class KFAC(torch.optim.Optimizer):
         scale = None
         if self.kl_clip is not None:
             # ν = min(1, sqrt(kl_clip / (lr² Σ ⟨NG, ∇⟩))): a tensor, no host sync
+            # range-safely: ⟨NG, ∇/m⟩·m with m = max|∇| and the sum in float64, so that a huge
+            # gradient on a stale inverse (its factor overflowed) still gets a bounded step
+            dots = []
+            for _, v, ng in pairs:
+                m = v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
+                dots.append(torch.dot(ng.reshape(-1), (v / m).reshape(-1)).to(torch.float64)
+                            * m.to(torch.float64))
+            vg = torch.stack(dots).sum() * (lr * lr)
             dt = torch.float64 if all(ng.dtype == torch.float64 for _, _, ng in pairs) \
                 else torch.float32
-            vg = torch.stack([torch.dot(ng.reshape(-1), v.reshape(-1)).to(dt)
-                              for _, v, ng in pairs]).sum() * (lr * lr)
             tiny = torch.finfo(vg.dtype).tiny
-            scale = torch.sqrt(self.kl_clip / vg.clamp_min(tiny)).clamp(max=1.0)
+            scale = torch.sqrt(self.kl_clip / vg.clamp_min(tiny)).clamp(max=1.0).to(dt)
         for layer, _, ng in pairs:
             if scale is not None:
                 ng = ng * scale
@@ -426,6 +520,10 @@ class KFAC(torch.optim.Optimizer):
                     bus.emit(topic, layer.stats[key], param=layer.name)
             if layer.tokens and bus.wants("kfac/tokens"):
                 bus.emit("kfac/tokens", layer.tokens, param=layer.name)
+            if layer.overflow is not None:  # a factor step: how many factors were dropped
+                if bus.wants("kfac/overflow"):
+                    bus.emit("kfac/overflow", layer.overflow, param=layer.name)
+                layer.overflow = None
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -509,9 +607,19 @@ class KFAC(torch.optim.Optimizer):
                                  f"{tuple(U.shape)}, expected ({layer.out_dim}, T)")
 
 
-def _running(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
-    """Running average; the first estimate starts it."""
+def _fold(old: torch.Tensor | None, new: torch.Tensor, decay: float
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(running average, ok)``: ``new`` folded into ``old`` when it is finite (``ok``, a
+    0-d bool tensor: no host sync), else ``old`` unchanged; the first estimate starts it (a
+    non-finite first estimate leaves a NaN factor that the inverse refresh drops)."""
+    ok = torch.isfinite(new).all()
     if old is None:
-        return new.clone()
-    # a non-finite batch poisons the average; the inverse refresh finds it and restarts it
-    return torch.lerp(old, new, 1 - decay)
+        return torch.where(ok, new, math.nan), ok
+    return torch.where(ok, torch.lerp(old, new, 1 - decay), old), ok
+
+
+def _gram_in_range(U: torch.Tensor) -> torch.Tensor:
+    """Whether ``U Uᵀ / T`` (``U`` ``[out, T]``) and the Woodbury arithmetic on it stay in
+    ``U``'s dtype range: finite entries whose square times ``out·T`` fits (0-d bool)."""
+    m = U.abs().amax().to(torch.float64) if U.numel() else U.new_zeros((), dtype=torch.float64)
+    return torch.isfinite(U).all() & (m * m * U.numel() < torch.finfo(U.dtype).max)

@@ -4,7 +4,10 @@ their sums over one collection, and the layer's factors and inverses.
 Rows: a Linear layer gives one row per input vector (all leading dimensions flattened), a
 Conv2d layer one row per output position (its input patch, unfolded). The bias is an extra
 ones column of ``a``. Output-gradient rows are multiplied by the batch size ``N`` to undo the
-``1/N`` of a mean-reduced loss, so ``G`` is the per-sample Fisher whatever the batch size.
+``1/N`` of a mean-reduced loss. ``A`` averages over all ``T`` rows, ``G`` sums over a sample's
+rows and averages over the ``N`` samples (KFAC-expand, Grosse & Martens 2016; curvlinops'
+``kfac_approx="expand"``), so ``A ⊗ G`` has the scale of the per-sample empirical Fisher for
+convolutions and sequence inputs too, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -135,6 +138,10 @@ class KFACLayer:
         self.G: torch.Tensor | None = None
         self.U: torch.Tensor | None = None  # [out, T]
         self.tokens = 0
+        #: factors of the latest collection not folded in for being out of range (0-d int64
+        #: tensor, None before the first collection), and their running total
+        self.overflow: torch.Tensor | None = None
+        self.overflows = torch.zeros((), dtype=torch.int64, device=self.weight.device)
         self.policy: str | None = None
         self.reason = ""
         self.clear_inverse()
@@ -142,9 +149,14 @@ class KFACLayer:
     # -- one collection ------------------------------------------------------------------
     def reset_collection(self) -> None:
         self.a_sum: torch.Tensor | None = None
+        # Σ g gᵀ = g_sum * g_scale: g_sum from max-abs-normalised rows, g_scale (a float64 0-d
+        # tensor) holds the squared scales, so a sum that float32 can hold never overflows on
+        # the way (gradients of 1e19 have products of 1e38)
         self.g_sum: torch.Tensor | None = None
+        self.g_scale: torch.Tensor | None = None
         self.g_rows: list[torch.Tensor] = []
         self.rows = 0
+        self.samples = 0  # N: the samples behind the rows (G's divisor)
 
     def add(self, a_cov: torch.Tensor, t: int, g: torch.Tensor, n: int, keep_rows: bool
             ) -> None:
@@ -154,19 +166,40 @@ class KFACLayer:
         g = g.to(self.dtype)
         self.a_sum = a_cov if self.a_sum is None else self.a_sum + a_cov
         self.rows += t
+        self.samples += n
         if keep_rows:
             self.g_rows.append(g * n)
         else:
             self.fold_rows()
-            gg = (g @ g.mT).mul_(n * n)  # on the small product, not the rows
-            self.g_sum = gg if self.g_sum is None else self.g_sum + gg
+            self._add_gram(g, float(n))
+
+    def _add_gram(self, cols: torch.Tensor, n: float) -> None:
+        """Add ``n² cols colsᵀ`` to the collection, range-safely: the product is taken of the
+        columns divided by their largest magnitude ``m``, ``(n m)²`` kept in float64."""
+        m = cols.abs().amax().clamp_min(torch.finfo(cols.dtype).tiny)
+        unit = cols / m
+        gg = unit @ unit.mT
+        scale = (m.to(torch.float64) * n).square()
+        if self.g_sum is None:
+            self.g_sum, self.g_scale = gg, scale
+            return
+        top = torch.maximum(self.g_scale, scale)  # rescale both to the larger: ratios <= 1
+        self.g_sum = self.g_sum * (self.g_scale / top).to(gg.dtype) \
+            + gg * (scale / top).to(gg.dtype)
+        self.g_scale = top
+
+    def g_sum_over(self, divisor: int) -> torch.Tensor | None:
+        """``Σ g gᵀ / divisor`` in the factor dtype (non-finite only when the result itself is
+        out of range); None when nothing was summed."""
+        if self.g_sum is None:
+            return None
+        return self.g_sum * (self.g_scale / divisor).to(self.g_sum.dtype)
 
     def fold_rows(self) -> None:
         """Turn kept rows into the dense sum ``Σ g gᵀ`` (the layer goes the eig way)."""
         if self.g_rows:
             cols = torch.cat(self.g_rows, 1) if len(self.g_rows) > 1 else self.g_rows[0]
-            gg = cols @ cols.mT
-            self.g_sum = gg if self.g_sum is None else self.g_sum + gg
+            self._add_gram(cols, 1.0)
             self.g_rows = []
 
     def collected_rows(self) -> torch.Tensor:

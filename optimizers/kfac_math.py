@@ -2,9 +2,10 @@
 
 The layer's Fisher block is approximated by ``G ⊗ A`` (``A = E[a aᵀ]`` over the layer's
 inputs, ``G = E[g gᵀ]`` over its output gradients); the gradient ``V`` ``[out, in]`` is
-preconditioned as ``(G ⊗ A + damping I)⁻¹ vec(V)`` (eig path) or with the damping split
-between the factors, ``(G + δ_G I)⁻¹ V (A + δ_A I)⁻¹`` (Woodbury path, where no eigenbasis of
-``G`` exists to damp the product exactly).
+preconditioned as ``(G ⊗ A + damping I)⁻¹ vec(V)`` (eig path; for a low-rank ``G = U Uᵀ/T``
+the same step from G's eigenpairs out of the ``T x T`` Gram) or with the damping split
+between the factors, ``(G + δ_G I)⁻¹ V (A + δ_A I)⁻¹`` (Woodbury's factored damping, through a
+``T x T`` Cholesky).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 
 from optimizers.linalg import clipped_eigh
-from optimizers.woodbury import WoodburyInverse
+from optimizers.woodbury import LowRankEig, WoodburyInverse
 
 
 def _check_square(name: str, m: object, n: int | None = None) -> None:
@@ -110,3 +111,23 @@ def woodbury_natural_gradient(grad: torch.Tensor, A: torch.Tensor, U: torch.Tens
     wood = WoodburyInverse(U, tokens, dG, max_condition=max_condition)
     A_inv = (QA / (lA + dA)) @ QA.mT
     return wood.apply(grad @ A_inv)
+
+
+def lowrank_natural_gradient(grad: torch.Tensor, A: torch.Tensor, U: torch.Tensor,
+                             damping: float, max_condition: float | None = None
+                             ) -> torch.Tensor:
+    """``(G_c ⊗ A_c + damping I)⁻¹ vec(grad)`` for ``G = U Uᵀ/T`` (``U`` ``[out, T]``): the
+    same step as :func:`natural_gradient` on the dense ``G`` (both factors clipped to
+    ``max_condition``, exact Tikhonov damping), with G's eigenpairs from the ``T x T`` Gram
+    (:class:`optimizers.woodbury.LowRankEig`) instead of an ``out x out`` eigh."""
+    _check_grad(grad)
+    _check_square("A", A, grad.shape[1])
+    if not isinstance(U, torch.Tensor) or U.ndim != 2 or U.shape[0] != grad.shape[0] \
+            or U.shape[1] == 0:
+        shape = tuple(U.shape) if isinstance(U, torch.Tensor) else type(U).__name__
+        raise ValueError(f"U must be a 2-D tensor [out={grad.shape[0]}, T >= 1], got {shape}")
+    _check_damping(damping, allow_zero=False)
+    _check_condition(max_condition)
+    lA, QA, _ = clipped_eigh(A, max_condition)
+    low = LowRankEig(U, U.shape[1], max_condition=max_condition)
+    return low.apply(grad @ QA, lA, damping) @ QA.mT

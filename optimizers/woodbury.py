@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from optimizers.linalg import power_iteration, robust_cholesky_inverse
+from optimizers.linalg import clipped_eigh, power_iteration, robust_cholesky_inverse
 
 STORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,3 +111,103 @@ class WoodburyInverse:
         n = self.U.shape[0]
         eye = torch.eye(n, dtype=self.compute_dtype, device=self.S_inv.device)
         return self.apply(eye)
+
+
+class LowRankEig:
+    """The eigenpairs of a low-rank factor ``G = U Uᵀ / T`` (``U`` ``[n, T]``) from its
+    ``T x T`` Gram, for the eig path's exact Tikhonov step without an ``n x n`` eigh.
+
+    ``Uᵀ U = W diag(σ) Wᵀ`` gives ``G = Σ_k μ_k p_k p_kᵀ`` with ``μ_k = σ_k / T``,
+    ``p_k = U w_k / √σ_k``; the rest of G's spectrum (``n - rank``) is 0. With
+    ``max_condition``, eigenvalues below ``μ_max / max_condition`` (those zeros included) are
+    raised to that floor ``f``, as :func:`optimizers.linalg.clipped_eigh` does for a dense G.
+    ``apply(V', λ_A, damping)`` then solves ``(G_c ⊗ A_c + damping I) X = V`` in A's
+    eigenbasis (``V' = V Q_A``, ``X = X' Q_Aᵀ``): per column ``j``,
+    ``X'_j = V'_j / (f a_j + d) + U W [(Wᵀ Uᵀ V'_j) ⊙ (f - μ)/σ · a_j / ((μ a_j + d)(f a_j + d))]``
+    (the bracket 0 where ``μ_k <= f``), no division by a vanishing ``σ``. ``U`` is stored like
+    :class:`WoodburyInverse`'s (scaled by its largest entry, in ``store_dtype``, possibly on
+    the host) and the Gram is built from the stored, rounded values.
+    """
+
+    def __init__(self, U: torch.Tensor, tokens: int | float, max_condition: float | None = None,
+                 store_dtype: torch.dtype = torch.float32,
+                 store_device: torch.device | str | None = None, pin: bool = False) -> None:
+        if not isinstance(U, torch.Tensor) or U.ndim != 2 or 0 in U.shape:
+            raise ValueError(f"U must be a non-empty 2-D tensor [n, T], got "
+                             f"{tuple(U.shape) if isinstance(U, torch.Tensor) else U!r}")
+        if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or tokens <= 0:
+            raise ValueError(f"tokens must be a number > 0, got {tokens!r}")
+        if max_condition is not None and not (isinstance(max_condition, (int, float))
+                                              and not isinstance(max_condition, bool)
+                                              and max_condition > 1):
+            raise ValueError(f"max_condition must be a number > 1 or None, got "
+                             f"{max_condition!r}")
+        if store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of float32, float16, bfloat16, "
+                             f"got {store_dtype!r}")
+        compute = torch.float64 if U.dtype == torch.float64 else torch.float32
+        Uc = U.detach().to(compute)
+        scale = Uc.abs().amax().clamp_min(torch.finfo(compute).tiny)
+        keep64 = compute == torch.float64 and store_dtype == torch.float32
+        store = (Uc / scale).to(compute if keep64 else store_dtype)
+        Us = store.to(compute)
+        sigma, W, _ = clipped_eigh(Us.mT @ Us)  # σ >= 0 in units of scale², ascending
+        n, t = U.shape
+        self.tokens = float(tokens)
+        mu = sigma * (scale * scale / self.tokens)
+        lam_max = mu[-1].clamp_min(0)
+        floor = lam_max / max_condition if max_condition is not None else lam_max * 0
+        # G's n eigenvalues: the Gram's largest min(n, T) (with T > n the other T - n are
+        # zeros of the Gram alone, their U w_k = 0) and n - T exact zeros when T < n
+        null = max(n - t, 0)
+        top = mu[t - min(n, t):]
+        self.clipped = (top < floor).sum() + (floor > 0).to(torch.int64) * null
+        self.lam_max = lam_max
+        self.lam_min = torch.maximum(top.min() if not null else lam_max * 0, floor)
+        #: mean eigenvalue of the clipped G over all n (the damping split's π uses it)
+        self.mean = (torch.maximum(top, floor).sum() + floor * null) / n
+        live = mu > floor
+        # (f - μ)/σ = f/σ - scale²/T, where σ > 0 (μ > f >= 0); 0 elsewhere
+        self.coef = torch.where(live, (floor - mu) / torch.where(live, sigma, 1.0), 0.0)
+        self.mu = torch.maximum(mu, floor)
+        self.floor = floor
+        self.jitter = 0.0
+        self.compute_dtype = compute
+        self.scale = scale
+        dev = U.device if store_device is None else torch.device(store_device)
+        self.U = store.to(dev)
+        self.W = W.to(dev)
+        if pin and dev.type == "cpu" and torch.cuda.is_available():
+            self.U, self.W = self.U.pin_memory(), self.W.pin_memory()
+
+    def condition(self) -> torch.Tensor:
+        """``λ_max / λ_min`` of the clipped G (undamped; inf for a singular G)."""
+        return self.lam_max / self.lam_min
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored ``U`` and ``W``."""
+        return self.U.numel() * self.U.element_size() + self.W.numel() * self.W.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``U`` is stored."""
+        return self.U.device
+
+    def apply(self, Vp: torch.Tensor, lA: torch.Tensor, damping: float) -> torch.Tensor:
+        """``X'`` with ``(G_c ⊗ diag(lA) + damping I) X' = Vp`` for ``Vp`` ``[n, m]`` (a
+        gradient in A's eigenbasis, ``lA`` A's clipped eigenvalues), on ``Vp``'s device."""
+        dev, dt = Vp.device, self.compute_dtype
+        U = self.U.to(device=dev, dtype=dt, non_blocking=True)
+        W = self.W.to(device=dev, non_blocking=True)
+        Vc = Vp.to(dt)
+        a = lA.to(device=dev, dtype=dt)[None, :]
+        mu, f = self.mu.to(dev)[:, None], self.floor.to(dev)
+        base = f * a + damping                                     # [1, m]
+        C = self.coef.to(dev)[:, None] * a / ((mu * a + damping) * base)   # [T, m]
+        inner = W @ ((W.mT @ (U.mT @ Vc)) * C)
+        return (Vc / base + U @ inner).to(Vp.dtype)
+
+    def rows(self) -> torch.Tensor:
+        """The stored ``U`` ``[n, T]`` (as rounded to the storage dtype), in the compute dtype."""
+        return self.U.to(self.scale.device, self.compute_dtype) * self.scale

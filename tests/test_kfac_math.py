@@ -6,9 +6,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from optimizers.kfac_math import factored_damping, natural_gradient, woodbury_natural_gradient
+from optimizers.kfac_math import (
+    factored_damping,
+    lowrank_natural_gradient,
+    natural_gradient,
+    woodbury_natural_gradient,
+)
 from optimizers.linalg import clipped_eigh, power_iteration, robust_cholesky_inverse
-from optimizers.woodbury import WoodburyInverse
+from optimizers.woodbury import LowRankEig, WoodburyInverse
 
 
 def _spd(n, rank=None, seed=0, scale=1.0):
@@ -244,3 +249,50 @@ def test_factored_damping_multiplies_to_damping():
     assert float(dA / dG) == pytest.approx(16.0)  # π² = mean A / mean G
     dA, dG = factored_damping(0.0, 1.0, 1e-2)  # degenerate factor: no split
     assert float(dA) == float(dG) == pytest.approx(0.1)
+
+
+# -- low-rank G with exact Tikhonov damping (G's eigenpairs from the T x T Gram) ---------------
+
+@pytest.mark.parametrize("n,T,kappa,d", [(20, 5, None, 1e-3), (20, 5, 50.0, 1e-3),
+                                         (6, 10, None, 1e-2), (6, 10, 30.0, 1e-2),
+                                         (30, 8, 1e6, 1e-6)])
+def test_lowrank_natural_gradient_equals_dense_kronecker_solve(n, T, kappa, d):
+    """(G_c ⊗ A_c + d I)⁻¹ vec(V) with G = U Uᵀ / T, G and A clipped by numpy's eigh, solved
+    densely by scipy: T < n (G singular) and T > n, with and without max_condition."""
+    rng = np.random.default_rng(n + T)
+    U = rng.standard_normal((n, T)) * 3
+    A = _spd(7, seed=T)
+    V = rng.standard_normal((n, 7))
+    Gc, _ = _clip_np(U @ U.T / T, kappa)
+    Ac, _ = _clip_np(A, kappa)
+    F = np.kron(Gc, Ac) + d * np.eye(n * 7)
+    ref = scipy.linalg.solve(F, V.ravel(), assume_a="pos").reshape(V.shape)
+    got = lowrank_natural_gradient(torch.tensor(V), torch.tensor(A), torch.tensor(U), d, kappa)
+    assert np.linalg.norm(got.numpy() - ref) <= 1e-8 * np.linalg.norm(ref)
+    got32 = lowrank_natural_gradient(torch.tensor(V).float(), torch.tensor(A).float(),
+                                     torch.tensor(U).float(), d, kappa)
+    assert np.linalg.norm(got32.double().numpy() - ref) <= 1e-3 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("n,T,kappa", [(20, 5, 50.0), (6, 10, 30.0), (20, 5, None)])
+def test_lowrank_eig_spectrum_against_eigvalsh(n, T, kappa):
+    rng = np.random.default_rng(3)
+    U = rng.standard_normal((n, T))
+    w = np.linalg.eigvalsh(U @ U.T / T)
+    floor = w.max() / kappa if kappa else 0.0
+    low = LowRankEig(torch.tensor(U), T, max_condition=kappa)
+    assert float(low.lam_max) == pytest.approx(w.max(), rel=1e-10)
+    assert float(low.lam_min) == pytest.approx(max(w.min(), floor), rel=1e-6, abs=1e-12)
+    assert float(low.mean) == pytest.approx(np.maximum(w, floor).mean(), rel=1e-10)
+    if kappa:
+        assert int(low.clipped) == int((w < floor).sum())
+    np.testing.assert_allclose(low.rows().numpy(), U, rtol=1e-12)
+
+
+def test_lowrank_rejects_bad_input():
+    with pytest.raises(ValueError, match="U must be"):
+        lowrank_natural_gradient(torch.ones(3, 2), torch.eye(2), torch.ones(4, 2), 1e-3)
+    with pytest.raises(ValueError, match="damping"):
+        lowrank_natural_gradient(torch.ones(3, 2), torch.eye(2), torch.ones(3, 2), 0.0)
+    with pytest.raises(ValueError, match="tokens"):
+        LowRankEig(torch.ones(3, 2), 0)

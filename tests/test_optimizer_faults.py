@@ -263,6 +263,10 @@ SKIPPERS = {
     "BlockSchedule": lambda m, bus: optimizers.BlockSchedule(
         torch.optim.AdamW(m.parameters(), lr=1e-2), [m[0], m[2], m[4]], threshold=0.5,
         probe_every=2, total_steps=8, bus=bus),
+    # factor_every=2, inverse_every=3: the step count, both schedules and the factor averages
+    # all move within the 8 steps
+    "KFAC": lambda m, bus: optimizers.KFAC(m, lr=0.05, factor_every=2, inverse_every=3,
+                                           bus=bus),
     "Muon": lambda m, bus: optimizers.Muon(m.named_parameters(), lr=0.02, bus=bus),
     "Falcon": lambda m, bus: optimizers.Falcon(m.named_parameters(), lr=1e-2, mask_interval=3,
                                                total_steps=8, bus=bus),
@@ -310,6 +314,9 @@ def test_skipped_step_equals_leaving_the_step_out(name):
         assert ra.keys() == rb.keys()
         _assert_same_schedule(ra, rb)
         assert ra["t"] == 8 - len(skip_at) and ra["selections"] > 0
+    if name == "KFAC":
+        assert sa["kfac"]["steps"] == sb["kfac"]["steps"] == 8 - len(skip_at)
+        _assert_same_kfac(sa["kfac"], sb["kfac"])
 
 
 @pytest.mark.parametrize("name", sorted(SKIPPERS))
@@ -329,6 +336,20 @@ def test_a_step_without_gradients_changes_nothing(name):
     _assert_same_state(before["state"], after["state"])
     if name == "BlockSchedule":
         _assert_same_schedule(before["block_schedule"], after["block_schedule"])
+    if name == "KFAC":  # the step count (hence both schedules) and the factors stay
+        assert before["kfac"]["steps"] == after["kfac"]["steps"] == 1
+        _assert_same_kfac(before["kfac"], after["kfac"])
+
+
+def _assert_same_kfac(ka, kb):
+    assert ka["steps"] == kb["steps"] and ka["layers"].keys() == kb["layers"].keys()
+    for name, la in ka["layers"].items():
+        lb = kb["layers"][name]
+        for key in ("A", "G", "U", "tokens", "policy"):
+            if isinstance(la[key], torch.Tensor):
+                _assert_same([la[key]], [lb[key]])
+            else:
+                assert la[key] == lb[key], (name, key)
 
 
 def _assert_same_schedule(ra, rb):

@@ -7,7 +7,11 @@ import torch
 
 import hooks
 from optimizers import KFAC
-from optimizers.kfac_math import natural_gradient, woodbury_natural_gradient
+from optimizers.kfac_math import (
+    lowrank_natural_gradient,
+    natural_gradient,
+    woodbury_natural_gradient,
+)
 from probe.gates import step_callable
 from tests.benchmarks.conftest import small_cnn
 
@@ -39,3 +43,18 @@ def test_kfac_amortized_step_vs_sgd(probe_gate, cnn_batch):
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.05, momentum=0.9)
     probe_gate(step_callable(kfac_model, kfac, x, y), step_callable(sgd_model, sgd, x, y),
                max_ratio=1.5, warmup=1, rounds=7, inner=100)
+
+
+def test_lowrank_exact_vs_eig_out2048_t128(probe_gate):
+    """The default Woodbury path (exact Tikhonov damping, G's eigenpairs from the T x T Gram)
+    against the out x out eigh it stands in for, on the same layer as the factored gate."""
+    g = torch.Generator().manual_seed(0)
+    out_dim, in_dim, T = 2048, 256, 128
+    U = torch.randn(out_dim, T, generator=g)
+    G = U @ U.T / T
+    a = torch.randn(4 * in_dim, in_dim + 1, generator=g)
+    A = a.T @ a / a.shape[0]
+    grad = torch.randn(out_dim, in_dim + 1, generator=g)
+    probe_gate(lambda: lowrank_natural_gradient(grad, A, U, 1e-3, max_condition=1e6),
+               lambda: natural_gradient(grad, A, G, 1e-3, max_condition=1e6),
+               max_ratio=0.3, warmup=1, rounds=3)
