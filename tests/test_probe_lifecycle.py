@@ -209,7 +209,8 @@ def test_two_probes_write_disjoint_event_files_with_their_own_counts(tmp_path):
     assert totals == {"g": [0, 1, 2, 3, 4, 5], "d": [0, 2, 4]}
     assert len([r for r in recs["g"] if r["topic"] == "train/loss"]) == 6
     assert not [r for r in recs["d"] if r["topic"] == "train/loss"]
-    assert {r["run"] for r in recs["g"]} == {pg.run_id} != {r["run"] for r in recs["d"]}
+    assert {r["run"] for r in recs["g"]} == {pg.run_id} != {pd.run_id} == \
+        {r["run"] for r in recs["d"]}
     assert not any(r["topic"].startswith("muon/") for r in recs["g"])
 
 
