@@ -511,3 +511,31 @@ def test_a_step_without_any_gradient_changes_nothing():
     assert before[:2] == after[:2]
     np.testing.assert_array_equal(before[2], after[2])
     assert repr(before[3]) == repr(after[3])
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_update_statistics_on_every_step_with_frozen_blocks(set_to_none):
+    """Steps with frozen blocks still report update/norm (total and per trained tensor),
+    whether zero_grad leaves None or zeros."""
+    import probe
+    from tests.helpers import Recorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                          nn.Linear(6, 2))
+    bus = hooks.Bus()
+    sched = BlockSchedule(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                          [model[0], model[2], model[4]], threshold=0.5, probe_every=2,
+                          total_steps=12, bus=bus)
+    rec = Recorder()
+    with probe.attach(sched, model=model, every=1, collectors=[rec], bus=bus):
+        for _ in range(12):
+            model(torch.randn(8, 6)).square().mean().backward()
+            sched.step()
+            sched.zero_grad(set_to_none=set_to_none)
+    active = {e.step: e.value for e in rec.events if e.topic == "blocks/active"}
+    assert any(v < 3 for v in active.values())  # some steps froze blocks
+    totals = [e.step for e in rec.events if e.topic == "update/norm" and not e.tags]
+    assert totals == list(range(12))
+    last = [e.step for e in rec.events if e.topic == "update/norm" and e.param == "4.weight"]
+    assert last == list(range(12))  # the trailing block trains on every step
