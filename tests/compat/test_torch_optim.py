@@ -112,7 +112,8 @@ def test_lbfgs_training_is_unchanged():
     assert probed.probe.step == h.STEPS
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: with a closure the probe reads the gradient "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 14: with a closure the probe reads the gradient "
                                        "before the closure ran (None or the last step's) and "
                                        "after its last call, not the one the step started from")
 def test_lbfgs_statistics():
