@@ -77,16 +77,23 @@ def test_gradscaler_overflow_is_no_optimizer_step_in_torch(runs):
          "(found_inf set, a no-op) and the probe counts it; non-fused the step is never called")
 def test_gradscaler_step_counts_agree_fused_and_not(runs):
     counts = {fused: runs[(fused, True)]["probe"].step for fused in (False, True)}
-    assert counts[True] == counts[False] == len(RAN), counts
+    assert counts[True] == counts[False], counts
+
+
+def _delivered_steps(run: dict) -> list[int]:
+    got = h.probed_values(run["rec"])
+    return sorted({s for s, topic, name in got if topic == "grad/norm" and name is None})
 
 
 def _check_ran_steps(run: dict) -> None:
-    """The probe's records, in step order, are the steps that ran, each equal to its
-    reference (the gradient unscaled). Fused, the gradients are still scaled when step()
-    starts (fused AdamW divides them in place): a probe reading them before the step must
-    unscale them by ``grad_scale``."""
-    got = h.probed_values(run["rec"])
-    seen = sorted({s for s, topic, name in got if topic == "grad/norm" and name is None})
+    """The probe's records of the steps that ran, in step order, each equal to its reference
+    (the gradient unscaled). The overflow step may be delivered too (as the probe's own
+    on_nonfinite="skip" delivers a skipped step) or not; it is not compared. Fused, the
+    gradients are still scaled when step() starts (fused AdamW divides them in place): a probe
+    reading them before the step must unscale them by ``grad_scale``."""
+    seen = _delivered_steps(run)
+    if len(seen) == STEPS:
+        seen = [seen[i] for i in RAN]
     assert len(seen) == len(RAN), f"probe delivered statistics for steps {seen}, ran {RAN}"
     order = {s: i for i, s in enumerate(seen)}
     relabel = h.Recorder()
@@ -99,7 +106,11 @@ def test_gradscaler_statistics_foreach(runs):
     _check_ran_steps(runs[(False, True)])
 
 
-@h.xfail("issue 14: GradScaler step counting: with fused AdamW the probe delivers statistics "
-         "for the overflow step (grad/norm inf, update 0) as if it were a step")
 def test_gradscaler_statistics_fused(runs):
     _check_ran_steps(runs[(True, True)])
+
+
+@h.xfail("issue 14: GradScaler step counting: with fused AdamW the probe delivers statistics "
+         "for the overflow step (grad/norm inf, update 0), non-fused it never sees that step")
+def test_gradscaler_fused_and_not_deliver_the_same_steps(runs):
+    assert _delivered_steps(runs[(True, True)]) == _delivered_steps(runs[(False, True)])
