@@ -21,4 +21,4 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
   quiet "${pip[@]}" install "torch==2.13.0"
 fi
 echo "setup: installing optprobe and its dependencies"
-quiet "${pip[@]}" install -e ".[dev]"
+quiet "${pip[@]}" install -e ".[dev,compat]"
