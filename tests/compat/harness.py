@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 from torch import nn
 
@@ -27,12 +26,6 @@ STEPS = 3
 PER_PARAM = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
 TOTALS = ("grad/norm", "param/norm", "update/norm")
 REL, ABS = 2e-5, 1e-6  # float32 norms in the probe against float64 references
-
-
-def xfail(reason: str, raises: type | tuple = AssertionError):
-    """A known probe defect (issue 14): strict, so the test fails loudly once it is fixed, and
-    tied to the exception it fails with now, so that another failure is not taken for it."""
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
 
 
 def mlp() -> nn.Module:

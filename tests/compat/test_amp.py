@@ -73,8 +73,6 @@ def test_gradscaler_overflow_is_no_optimizer_step_in_torch(runs):
         == {float(len(RAN))}
 
 
-@h.xfail("issue 14: GradScaler step counting: fused AdamW is stepped on the overflow "
-         "(found_inf set, a no-op) and the probe counts it; non-fused the step is never called")
 def test_gradscaler_step_counts_agree_fused_and_not(runs):
     counts = {fused: runs[(fused, True)]["probe"].step for fused in (False, True)}
     assert counts[True] == counts[False], counts
@@ -110,7 +108,5 @@ def test_gradscaler_statistics_fused(runs):
     _check_ran_steps(runs[(True, True)])
 
 
-@h.xfail("issue 14: GradScaler step counting: with fused AdamW the probe delivers statistics "
-         "for the overflow step (grad/norm inf, update 0), non-fused it never sees that step")
 def test_gradscaler_fused_and_not_deliver_the_same_steps(runs):
     assert _delivered_steps(runs[(True, True)]) == _delivered_steps(runs[(False, True)])

@@ -220,29 +220,17 @@ def test_ddp_norms_are_the_single_process_norms(ranks, single, reduce):
     _check_global(_result(ranks, f"ddp/{reduce}"), single["even"])
 
 
-FSDP_CRASH = {
-    "even": "issue 14: FSDP2's DTensor statistics crash the bus at end_step "
-            "(hooks/bus.py _resolve: .tolist() on a DTensor)",
-    "uneven": "issue 14: FSDP2's unevenly sharded DTensor gradient crashes the probe's "
-              "gradient histogram (value_sample's reshape(-1) on an uneven shard)",
-}
-
-
-@h.xfail(FSDP_CRASH["even"], raises=RuntimeError)
 def test_fsdp2_training_is_unchanged(ranks):
     _check_unchanged(_result(ranks, "fsdp-even/plain"), _result(ranks, "fsdp-even/None"))
 
 
-@h.xfail(FSDP_CRASH["even"], raises=RuntimeError)
 def test_fsdp2_norms_are_global_norms_of_the_unsharded_params(ranks, single):
     _check_global(_result(ranks, "fsdp-even/None"), single["even"])
 
 
-@h.xfail(FSDP_CRASH["uneven"], raises=RuntimeError)
 def test_fsdp2_uneven_shards_training_is_unchanged(ranks):
     _check_unchanged(_result(ranks, "fsdp-uneven/plain"), _result(ranks, "fsdp-uneven/None"))
 
 
-@h.xfail(FSDP_CRASH["uneven"], raises=RuntimeError)
 def test_fsdp2_uneven_shards_norms_are_global_norms(ranks, single):
     _check_global(_result(ranks, "fsdp-uneven/None"), single["uneven"])

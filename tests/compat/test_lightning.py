@@ -86,8 +86,6 @@ def test_lightning_training_is_unchanged(fits):
     assert cb.probe.step == STEPS and len(cb.refs) == STEPS
 
 
-@h.xfail("issue 14: with a closure the probe snapshots nothing on the first step (no "
-         "gradient yet when step() starts), so its first step has no param/update statistics")
 def test_lightning_statistics(fits):
     _, _, cb = fits
     h.check_stats(cb.recorder, cb.refs)

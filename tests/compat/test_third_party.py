@@ -8,9 +8,6 @@ import torch.optim.optimizer as optimizer_module
 import probe
 from tests.compat import harness as h
 
-GRAD_AFTER_STEP = ("issue 14: the probe reads the gradients after the step, and this "
-                   "optimizer rewrites p.grad in place inside its step")
-
 
 def need(module: str):
     return pytest.importorskip(module, reason=f"{module} is not installed (pip install "
@@ -25,8 +22,6 @@ SCHEDULEFREE = {
     "SGDScheduleFree-weight_decay": lambda sf, m: sf.SGDScheduleFree(m.parameters(), lr=0.1,
                                                                      weight_decay=0.1),
 }
-SF_XFAIL = {"AdamWScheduleFree": GRAD_AFTER_STEP + " (divides it by the second moment)",
-            "SGDScheduleFree-weight_decay": GRAD_AFTER_STEP + " (adds the weight decay)"}
 
 
 def _sf_case(name):
@@ -46,9 +41,7 @@ def test_schedulefree_training_is_unchanged(name):
     assert probed.probe.step == h.STEPS  # train()/eval() are no steps
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=h.xfail(SF_XFAIL[n]))
-    if n in SF_XFAIL else n for n in SCHEDULEFREE])
+@pytest.mark.parametrize("name", list(SCHEDULEFREE))
 def test_schedulefree_statistics(name):
     make_opt, train_mode = _sf_case(name)
     run = h.train(h.mlp, make_opt, probed=True, on_train=train_mode)
@@ -57,8 +50,6 @@ def test_schedulefree_statistics(name):
 
 # -- heavyball (3.2.1): its step sets p.grad = None once it has used it -----------------------
 HEAVYBALL = ["AdamW", "SGD"]
-HEAVYBALL_XFAIL = ("issue 14: heavyball sets p.grad = None inside its step, and the probe "
-                   "reads the gradients after the step: no statistics at all")
 
 
 @pytest.fixture
@@ -82,7 +73,6 @@ def test_heavyball_training_is_unchanged(heavyball, name):
     assert probed.probe.step == h.STEPS
 
 
-@h.xfail(HEAVYBALL_XFAIL)
 @pytest.mark.parametrize("name", HEAVYBALL)
 def test_heavyball_statistics(heavyball, name):
     run = h.train(h.mlp, _hb_opt(heavyball, name), probed=True)
@@ -95,7 +85,6 @@ PYTORCH_OPTIMIZER = {
     "Ranger-no-gc": lambda po, m: po.Ranger(m.parameters(), lr=1e-2, use_gc=False),
     "Lion": lambda po, m: po.Lion(m.parameters(), lr=1e-3, weight_decay=0.1),
 }
-PO_XFAIL = {"Ranger": GRAD_AFTER_STEP + " (gradient centralization)"}
 
 
 def _po_opt(name):
@@ -109,9 +98,7 @@ def test_pytorch_optimizer_training_is_unchanged(name):
     h.assert_same_params(plain.model, probed.model)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=h.xfail(PO_XFAIL[n]))
-    if n in PO_XFAIL else n for n in PYTORCH_OPTIMIZER])
+@pytest.mark.parametrize("name", list(PYTORCH_OPTIMIZER))
 def test_pytorch_optimizer_statistics(name):
     run = h.train(h.mlp, _po_opt(name), probed=True)
     h.check_stats(run.recorder, run.refs)

@@ -85,17 +85,11 @@ def _sparse_adam(m: nn.Module) -> torch.optim.Optimizer:
     return optim.SparseAdam(m.parameters(), lr=1e-2)
 
 
-SPARSE_CRASH = ("issue 14: a sparse gradient crashes the probe inside step (the finiteness "
-                "check's _foreach_norm has no SparseCPU kernel)")
-
-
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=SPARSE_CRASH)
 def test_sparse_adam_training_is_unchanged():
     plain, probed = h.both(embedding, _sparse_adam, loss=embedding_mse, data=index_batch)
     h.assert_same_params(plain.model, probed.model)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=SPARSE_CRASH)
 def test_sparse_adam_statistics():
     run = h.train(embedding, _sparse_adam, probed=True, loss=embedding_mse, data=index_batch)
     h.check_stats(run.recorder, run.refs)
@@ -112,10 +106,6 @@ def test_lbfgs_training_is_unchanged():
     assert probed.probe.step == h.STEPS
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 14: with a closure the probe reads the gradient "
-                                       "before the closure ran (None or the last step's) and "
-                                       "after its last call, not the one the step started from")
 def test_lbfgs_statistics():
     run = h.train(h.mlp, _lbfgs, probed=True, closure=True)
     h.check_stats(run.recorder, run.refs)
