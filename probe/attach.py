@@ -412,7 +412,8 @@ class Probe:
             scale = getattr(optimizer, "grad_scale", None)
             scale = scale.item() if torch.is_tensor(scale) else 1.0
             self._received = Received(params, tags, grads, scale=scale,
-                                      copy=self._copy_grads is not False or scale != 1.0)
+                                      copy=self._copy_grads is not False or scale != 1.0,
+                                      ids=self._params_key)
             if self.reduce is not None or any(bus.wants(t) for t in _NEEDS_BEFORE):
                 self._before = snapshot(params)
         if grads and self.on_nonfinite == "skip":
@@ -616,7 +617,7 @@ class Probe:
                 norms[0] /= scale
                 norms[3] /= scale
             table, totals = finish_stats(norms)
-            idx = torch.tensor([column[id(p)] for p in params], device=dev)
+            idx = torch.tensor([column[i] for i in self._received.ids], device=dev)
             rows[:, idx] = table.to(dev)
             present[idx] = 1.0
             totals = totals.to(dev)

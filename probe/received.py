@@ -16,12 +16,14 @@ class Received:
     unscales in its kernel). ``rewritten()`` tells, from torch's version counters, which of
     the tensors the step changed in place (free: no values read)."""
 
-    __slots__ = ("params", "tags", "grads", "copied", "scale", "_refs", "_versions")
+    __slots__ = ("params", "tags", "grads", "copied", "scale", "ids", "_refs", "_versions")
 
     def __init__(self, params: list[torch.Tensor], tags: list[dict],
-                 grads: list[torch.Tensor], copy: bool, scale: float = 1.0) -> None:
+                 grads: list[torch.Tensor], copy: bool, scale: float = 1.0,
+                 ids: tuple = ()) -> None:
         refs = grads
         self.params, self.tags, self.copied, self.scale = params, tags, copy, scale
+        self.ids = ids  # id() of the optimizer's own parameter objects (not local shards)
         self._refs = refs
         self._versions = [g._version for g in refs]
         self.grads = snapshot(refs) if copy else refs

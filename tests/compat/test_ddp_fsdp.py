@@ -124,7 +124,7 @@ def _worker(rank: int, port: int, root: str) -> None:
             return fully_shard(model, mesh=mesh)
 
         for shape, (make_model, data) in MODELS.items():
-            for mode in ("plain", None):
+            for mode in ("plain", None, "mean"):
                 results[f"fsdp-{shape}/{mode}"] = _phase(rank, shard, make_model, data, mode,
                                                          mode != "plain")
                 save()
@@ -220,12 +220,14 @@ def test_ddp_norms_are_the_single_process_norms(ranks, single, reduce):
     _check_global(_result(ranks, f"ddp/{reduce}"), single["even"])
 
 
-def test_fsdp2_training_is_unchanged(ranks):
-    _check_unchanged(_result(ranks, "fsdp-even/plain"), _result(ranks, "fsdp-even/None"))
+@pytest.mark.parametrize("reduce", [None, "mean"], ids=["reduce=None", "reduce=mean"])
+def test_fsdp2_training_is_unchanged(ranks, reduce):
+    _check_unchanged(_result(ranks, "fsdp-even/plain"), _result(ranks, f"fsdp-even/{reduce}"))
 
 
-def test_fsdp2_norms_are_global_norms_of_the_unsharded_params(ranks, single):
-    _check_global(_result(ranks, "fsdp-even/None"), single["even"])
+@pytest.mark.parametrize("reduce", [None, "mean"], ids=["reduce=None", "reduce=mean"])
+def test_fsdp2_norms_are_global_norms_of_the_unsharded_params(ranks, single, reduce):
+    _check_global(_result(ranks, f"fsdp-even/{reduce}"), single["even"])
 
 
 def test_fsdp2_uneven_shards_training_is_unchanged(ranks):
