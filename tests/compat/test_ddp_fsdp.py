@@ -57,12 +57,19 @@ def _strip(name: str | None) -> str | None:
     return name[len("module."):] if name and name.startswith("module.") else name
 
 
-def _phase(rank: int, wrap, make_model, data, reduce, probed: bool) -> dict:
+def _zero(params) -> torch.optim.Optimizer:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-2,
+                                   weight_decay=0.1)
+
+
+def _phase(rank: int, wrap, make_model, data, reduce, probed: bool, make_opt=None) -> dict:
     import probe
 
     torch.manual_seed(0)
     model = wrap(make_model())
-    opt = _adamw(model.parameters())
+    opt = (make_opt or _adamw)(model.parameters())
     rec = h.Recorder()
     out: dict = {"error": None}
     p = None
@@ -107,6 +114,10 @@ def _worker(rank: int, port: int, root: str) -> None:
 
     for mode in ("plain", None, "mean"):
         results[f"ddp/{mode}"] = _phase(rank, DDP, even_mlp, even_batch, mode, mode != "plain")
+        save()
+    for mode in ("plain", None):  # ZeRO-1: each rank steps its share, then broadcasts
+        results[f"zero/{mode}"] = _phase(rank, DDP, even_mlp, even_batch, mode,
+                                         mode != "plain", make_opt=_zero)
         save()
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -218,6 +229,14 @@ def test_ddp_training_is_unchanged(ranks, reduce):
 @pytest.mark.parametrize("reduce", [None, "mean"], ids=["reduce=None", "reduce=mean"])
 def test_ddp_norms_are_the_single_process_norms(ranks, single, reduce):
     _check_global(_result(ranks, f"ddp/{reduce}"), single["even"])
+
+
+def test_zero_redundancy_optimizer_training_is_unchanged(ranks):
+    _check_unchanged(_result(ranks, "zero/plain"), _result(ranks, "zero/None"))
+
+
+def test_zero_redundancy_optimizer_norms_are_the_single_process_norms(ranks, single):
+    _check_global(_result(ranks, "zero/None"), single["even"])
 
 
 @pytest.mark.parametrize("reduce", [None, "mean"], ids=["reduce=None", "reduce=mean"])
