@@ -20,7 +20,7 @@ Properties checked after every step:
   gradient of the model, since its KL clip couples the layers);
 - a non-finite gradient is reported: ``anomaly/nonfinite`` names the parameter at its step.
 
-``OPTPROBE_SWEEP_EXAMPLES`` scales the examples per optimizer (default 30); the cases tried
+``OPTPROBE_SWEEP_EXAMPLES`` sets the examples per optimizer (default 800); the cases tried
 are counted per optimizer and printed at the end of the module (``-s`` shows them), and
 written as JSON to ``$OPTPROBE_SWEEP_COUNTS`` when that is set.
 """
@@ -31,11 +31,12 @@ import json
 import math
 import os
 import sys
+import zlib
 from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -44,8 +45,11 @@ import optimizers
 import probe
 from tests.helpers import Recorder
 
-EXAMPLES = int(os.environ.get("OPTPROBE_SWEEP_EXAMPLES", "30"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+
+EXAMPLES = int(os.environ.get("OPTPROBE_SWEEP_EXAMPLES", "800"))
+# deterministic: a fixed seed per optimizer (different cases for each), no example database
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
@@ -101,8 +105,9 @@ def hostile(kind: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8) if t.is_floating_point() else t
+    flat = torch.empty(t.numel(), dtype=t.dtype)  # a fresh dense copy: any strides in
+    flat.copy_(t.detach().reshape(-1))
+    return flat.view(torch.uint8) if flat.is_floating_point() else flat
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -154,8 +159,15 @@ class Holder(nn.Module):
 
 
 def _muon(m: Holder, bus: hooks.Bus, opts: dict) -> torch.optim.Optimizer:
-    return optimizers.Muon(list(m.named_parameters()), lr=0.02, weight_decay=0.01,
-                           min_dim=opts["min_dim"], max_aspect=math.inf, bus=bus)
+    named = list(m.named_parameters())
+    params: list = named
+    if opts["use_muon"]:  # every matrix (2-D, 4-D, 0-size too) marked for Newton-Schulz
+        mats = [(n, p) for n, p in named if p.ndim in (2, 4)]
+        rest = [(n, p) for n, p in named if p.ndim not in (2, 4)]
+        params = [g for g in ({"params": mats, "use_muon": True}, {"params": rest})
+                  if g["params"]]
+    return optimizers.Muon(params, lr=0.02, weight_decay=0.01, min_dim=opts["min_dim"],
+                           max_aspect=math.inf, bus=bus)
 
 
 def _falcon(backend: str):
@@ -199,7 +211,8 @@ def param_cases(draw):
         "seed": draw(st.integers(0, 2**16)),
         "opts": {"min_dim": draw(st.sampled_from([1, 2])),
                  "rank_k": draw(st.sampled_from([1, 2])),
-                 "min_kernel": draw(st.sampled_from([1, 3]))},
+                 "min_kernel": draw(st.sampled_from([1, 3])),
+                 "use_muon": draw(st.booleans())},
     }
 
 
@@ -275,6 +288,7 @@ def check_param_case(name: str, case: dict) -> None:
 
 @pytest.mark.parametrize("name", sorted(PARAM_OPTIMIZERS))
 def test_hostile_sweep(name):
+    @seed(zlib.crc32(name.encode()))
     @SETTINGS
     @given(case=param_cases())
     def sweep(case):
@@ -314,9 +328,26 @@ KFAC_POISONS = ["none", "loss_zero", "loss_huge", "loss_tiny", "loss_denormal", 
 _LOSS_SCALE = {"loss_zero": 0.0, "loss_huge": 1e30, "loss_tiny": 1e-30,
                "loss_denormal": 1e-40, "loss_nan": math.nan, "loss_inf": math.inf}
 
-# K-FAC cases that fail; optimizers/kfac*.py is being changed by someone else right now, so
-# they stay here as strict xfails (issue 18) until it is fixed there
-KFAC_KNOWN: list[tuple[str, dict]] = []
+# K-FAC defects the sweep found. optimizers/kfac*.py and woodbury.py are being changed by
+# someone else right now (issue 18 leaves them alone), so the cases stay below as strict
+# xfails and the sweep skips only the property they break (a finite weight), from the step
+# that carries the poison on.
+# 1. Woodbury: a finite gradient at 1e30 (the loss or an output gradient scaled by 1e30) in
+#    float32/bfloat16 under policy "woodbury" (or "auto" when it picks it) writes NaN into the
+#    weights at its first step, KL clip or not: the rows U pass the finiteness check on the
+#    factors, but (U * U).sum() and the T x T Gram overflow float32, so the damping and the
+#    inverse are not finite.
+# 2. KL clip: once an inverse exists (eig policy), the same gradient makes sum <NG, grad>
+#    overflow float32; products of both signs overflow to +inf and -inf, their sum is NaN, and
+#    so is the clip's scale and every layer's step (with kl_clip=None the step stays finite).
+# float64 holds (1e60 fits); the eig policy's own first step holds (G overflows to inf and is
+# caught by the finiteness check, which keeps the last inverse).
+KFAC_HUGE = {"dtypes": (torch.float32, torch.bfloat16), "poisons": ("loss_huge", "outgrad_huge")}
+
+
+def _kfac_finite_expected(case: dict, step: int) -> bool:
+    return not (case["dtype"] in KFAC_HUGE["dtypes"]
+                and any(k in KFAC_HUGE["poisons"] for k in case["poisons"][:step + 1]))
 
 
 @st.composite
@@ -396,19 +427,19 @@ def _kfac_run(case: dict, probed: bool):
     return [n for n, _ in named], trace, rec
 
 
-def check_kfac_case(case: dict) -> None:
-    CASES["KFAC"] += 1
+def check_kfac_case(case: dict, label: str = "KFAC") -> None:
+    CASES[label] += 1
     names, bare, _ = _kfac_run(case, probed=False)
     _, ours, rec = _kfac_run(case, probed=True)
     if any(b for *_, b in bare):
-        NONFINITE["KFAC"] += 1
+        NONFINITE[label] += 1
     clean = True
     for step, ((pb, gb, sb, bad), (po, go, so, _)) in enumerate(zip(bare, ours)):
         clean = clean and not bad
         for n, a, b in zip(names, pb, po):
             assert same(a, b), f"KFAC step {step}: {n} differs with telemetry on"
             assert not (torch.isnan(b) & ~torch.isnan(a)).any(), "KFAC: NaN from telemetry"
-            if clean:
+            if clean and _kfac_finite_expected(case, step):
                 assert torch.isfinite(b).all(), \
                     f"KFAC step {step}: {n} got a non-finite weight from finite gradients"
         for n, a, b in zip(names, gb, go):
@@ -420,14 +451,53 @@ def check_kfac_case(case: dict) -> None:
             f"the non-finite gradients are {bad}"
 
 
-def _is_known(case: dict) -> bool:
-    return any(all(case.get(k) == v for k, v in pattern.items()) for _, pattern in KFAC_KNOWN)
-
-
 def test_hostile_sweep_kfac():
+    @seed(zlib.crc32(b"KFAC"))
     @SETTINGS
-    @given(case=kfac_cases().filter(lambda c: not _is_known(c)))
+    @given(case=kfac_cases())
     def sweep(case):
         check_kfac_case(case)
 
     sweep()
+
+
+def _kfac_known(model, dtype, policy, poisons, monkeypatch):
+    monkeypatch.setitem(KFAC_HUGE, "poisons", ())  # assert what the sweep leaves out
+    try:
+        check_kfac_case({"model": model, "dtype": dtype, "batch": 4, "policy": policy,
+                         "inverse_every": 1, "poisons": poisons, "seed": 1}, "KFAC xfail")
+    except AssertionError as exc:  # only the known defect counts as the expected failure
+        if "non-finite weight from finite gradients" not in str(exc):
+            raise RuntimeError(f"not the known defect: {exc}") from exc
+        raise
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="K-FAC defect 1: a finite 1e30 gradient under the Woodbury inverse "
+                          "writes NaN into float32/bfloat16 weights (U*U and the T x T Gram "
+                          "overflow); optimizers/kfac*.py and woodbury.py are off limits here")
+@pytest.mark.parametrize("model,dtype,policy,poison", [
+    ("mlp", torch.float32, "woodbury", "loss_huge"),
+    ("mlp", torch.bfloat16, "woodbury", "outgrad_huge"),
+    ("linear_Nx1", torch.float32, "auto", "loss_huge"),
+    ("conv7x7", torch.float32, "woodbury", "outgrad_huge"),
+    ("conv1x1", torch.bfloat16, "woodbury", "loss_huge"),
+])
+def test_kfac_known_defect_huge_gradient_under_woodbury(model, dtype, policy, poison,
+                                                        monkeypatch):
+    _kfac_known(model, dtype, policy, [poison, "none"], monkeypatch)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="K-FAC defect 2: the KL clip's sum <NG, grad> of a finite 1e30 "
+                          "gradient overflows float32 to NaN, so every layer steps NaN; "
+                          "optimizers/kfac*.py is off limits here")
+@pytest.mark.parametrize("model,dtype,poison", [
+    ("mlp", torch.float32, "loss_huge"),
+    ("with_empty", torch.bfloat16, "outgrad_huge"),
+    ("linear_1xN", torch.float32, "loss_huge"),
+    ("conv1x1", torch.float32, "outgrad_huge"),
+])
+def test_kfac_known_defect_huge_gradient_overflows_the_kl_clip(model, dtype, poison,
+                                                               monkeypatch):
+    _kfac_known(model, dtype, "eig", ["none", poison, "none"], monkeypatch)
