@@ -19,6 +19,8 @@ import hooks
 from optimizers.linalg import lowrank_poweriter, lowrank_svd, rank1_poweriter
 
 BACKENDS = ("svd", "poweriter")
+# like Muon's ns_steps: more rounds than this buy nothing, and 10**9 would hang every step
+MAX_POWERITER_STEPS = 100
 STAT_TOPICS = {  # filter statistic -> catalogue topic
     "retained_energy": "falcon/retained_energy",
     "mask_sparsity": "falcon/mask_sparsity",
@@ -45,7 +47,13 @@ def _is_int(x: object) -> bool:
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite int or float (not a bool; not an int past float64, where isfinite raises)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def check_retain_energy(value: object, name: str = "retain_energy") -> None:
@@ -61,14 +69,17 @@ def check_skip_mix(value: object, name: str = "skip_mix") -> None:
 
 
 def check_lowrank(rank_k: object, backend: object, poweriter_steps: object) -> None:
-    """Raise ValueError unless rank_k >= 1, backend is known and poweriter_steps >= 1."""
+    """Raise ValueError unless rank_k >= 1, backend is known and poweriter_steps is in
+    [1, MAX_POWERITER_STEPS]."""
     if not (_is_int(rank_k) and rank_k >= 1):
         raise ValueError(f"rank_k must be an int >= 1, got {rank_k!r}")
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                          f"got {backend!r}")
-    if not (_is_int(poweriter_steps) and poweriter_steps >= 1):
-        raise ValueError(f"poweriter_steps must be an int >= 1, got {poweriter_steps!r}")
+    if not (_is_int(poweriter_steps) and 1 <= poweriter_steps <= MAX_POWERITER_STEPS):
+        raise ValueError(f"poweriter_steps must be an int >= 1 and <= {MAX_POWERITER_STEPS} "
+                         f"(each is a round of matmuls in every step), got "
+                         f"{poweriter_steps!r}")
 
 
 def mask_shape(kernel: tuple[int, int]) -> tuple[int, int]:
