@@ -9,8 +9,21 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from functools import lru_cache
 
 import torch
+
+
+@lru_cache(maxsize=64)
+def eps_floor(eps: float, dtype: torch.dtype) -> float | None:
+    """The smallest positive ``dtype`` value when ``eps`` rounds to zero in ``dtype`` (1e-8 in
+    float16, or eps=0), else None. Adam's denominator ``sqrt(v) + eps`` is then 0 wherever
+    ``v`` is (a zero gradient, or squares that underflow), and ``m / 0`` writes NaN or Inf
+    into the weights; clamping the denominator to this floor changes only those entries, so
+    every step torch.optim.AdamW takes finitely stays bit-identical."""
+    if not dtype.is_floating_point or float(torch.tensor(eps, dtype=dtype)) != 0.0:
+        return None
+    return float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
 
 
 def adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -39,4 +52,7 @@ def adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor],
         denom = torch._foreach_sqrt(m2)
         torch._foreach_div_(denom, math.sqrt(1.0 - beta2 ** step))
         torch._foreach_add_(denom, eps)
+        floor = eps_floor(eps, ps[0].dtype)
+        if floor is not None:
+            torch._foreach_clamp_min_(denom, floor)
         torch._foreach_addcdiv_(ps, m1, denom, -step_size)

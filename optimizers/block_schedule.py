@@ -16,6 +16,7 @@ the gate waits); the steady suffix steps run without any host sync.
 from __future__ import annotations
 
 import math
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,7 +45,14 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """An int or float (not a bool) that converts to a float: 10**400 does not."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        float(x)
+    except OverflowError:
+        return False
+    return True
 
 
 def _ceil_fraction(fraction: float, total: int) -> int:
@@ -106,8 +114,11 @@ class BlockSchedule(torch.optim.Optimizer):
         if not (_is_int(max_active) and min_active <= max_active <= n):
             raise ValueError(f"max_active must be None or an int in [min_active={min_active}, "
                              f"{n}], got {max_active!r}")
-        if total_steps is not None and not (_is_int(total_steps) and total_steps >= 1):
-            raise ValueError(f"total_steps must be None or an int >= 1, got {total_steps!r}")
+        # fractions of total_steps are taken in floats: a step count past sys.maxsize is not one
+        if total_steps is not None and not (_is_int(total_steps)
+                                            and 1 <= total_steps <= sys.maxsize):
+            raise ValueError(f"total_steps must be None or an int >= 1 (and <= {sys.maxsize}), "
+                             f"got {total_steps!r}")
         if _is_int(freeze_after):
             if freeze_after < 0:
                 raise ValueError(f"freeze_after must be an int >= 0 (steps) or a float in "
@@ -128,9 +139,11 @@ class BlockSchedule(torch.optim.Optimizer):
         if not (_is_real(final_full_fraction) and 0.0 <= final_full_fraction < 1.0):
             raise ValueError(f"final_full_fraction must be in [0, 1), got "
                              f"{final_full_fraction!r}")
-        if stable_window is not None and not (_is_int(stable_window) and stable_window >= 2):
-            raise ValueError(f"stable_window must be None or an int >= 2, got "
-                             f"{stable_window!r}")
+        # the loss history keeps 2 * stable_window values: a deque's maxlen is a C ssize_t
+        if stable_window is not None and not (_is_int(stable_window)
+                                              and 2 <= stable_window <= sys.maxsize // 2):
+            raise ValueError(f"stable_window must be None or an int >= 2 (and <= "
+                             f"{sys.maxsize // 2}), got {stable_window!r}")
         if not (_is_real(stable_rel_change) and 0.0 <= stable_rel_change < math.inf):
             raise ValueError(f"stable_rel_change must be a finite number >= 0, got "
                              f"{stable_rel_change!r}")

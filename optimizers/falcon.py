@@ -19,6 +19,8 @@ import hooks
 from optimizers.linalg import lowrank_poweriter, lowrank_svd, rank1_poweriter
 
 BACKENDS = ("svd", "poweriter")
+# like Muon's ns_steps: more rounds than this buy nothing, and 10**9 would hang every step
+MAX_POWERITER_STEPS = 100
 STAT_TOPICS = {  # filter statistic -> catalogue topic
     "retained_energy": "falcon/retained_energy",
     "mask_sparsity": "falcon/mask_sparsity",
@@ -45,7 +47,13 @@ def _is_int(x: object) -> bool:
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite int or float (not a bool; not an int past float64, where isfinite raises)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def check_retain_energy(value: object, name: str = "retain_energy") -> None:
@@ -61,14 +69,17 @@ def check_skip_mix(value: object, name: str = "skip_mix") -> None:
 
 
 def check_lowrank(rank_k: object, backend: object, poweriter_steps: object) -> None:
-    """Raise ValueError unless rank_k >= 1, backend is known and poweriter_steps >= 1."""
+    """Raise ValueError unless rank_k >= 1, backend is known and poweriter_steps is in
+    [1, MAX_POWERITER_STEPS]."""
     if not (_is_int(rank_k) and rank_k >= 1):
         raise ValueError(f"rank_k must be an int >= 1, got {rank_k!r}")
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                          f"got {backend!r}")
-    if not (_is_int(poweriter_steps) and poweriter_steps >= 1):
-        raise ValueError(f"poweriter_steps must be an int >= 1, got {poweriter_steps!r}")
+    if not (_is_int(poweriter_steps) and 1 <= poweriter_steps <= MAX_POWERITER_STEPS):
+        raise ValueError(f"poweriter_steps must be an int >= 1 and <= {MAX_POWERITER_STEPS} "
+                         f"(each is a round of matmuls in every step), got "
+                         f"{poweriter_steps!r}")
 
 
 def mask_shape(kernel: tuple[int, int]) -> tuple[int, int]:
@@ -169,18 +180,27 @@ def lowrank_bins(bins: torch.Tensor, rank_k: int, backend: str = "poweriter",
     if rank_k >= min(bins.shape[:2]):
         return bins, False
     # the normalizations and QR of power iteration underflow to NaN on a denormal spectrum
-    # (a float32 gradient near 1e-39) and overflow on a huge one: iterate on the spectrum
-    # scaled by powers of 2 that bring its largest entry near 1, exact both ways
+    # (a float32 gradient near 1e-39) and both backends overflow on a huge one: work on the
+    # spectrum scaled by powers of 2 that bring its largest entry near 1, exact both ways
     lo, hi = _power_of_2_scales(bins)
+    low, failed = _lowrank(bins * lo * hi, rank_k, backend, poweriter_steps)
+    return low / hi / lo, failed
+
+
+def _lowrank(bins: torch.Tensor, rank_k: int, backend: str, poweriter_steps: int
+             ) -> tuple[torch.Tensor, bool]:
+    """``lowrank_bins`` of a spectrum already scaled to a largest entry near 1."""
+    if rank_k >= min(bins.shape[:2]):
+        return bins, False
     if backend == "poweriter" and rank_k == 1:  # no transpose copies, no QR
-        return rank1_poweriter(bins * lo * hi, poweriter_steps) / hi / lo, False
+        return rank1_poweriter(bins, poweriter_steps), False
     stacked = bins.permute(2, 0, 1)  # the batched helpers want the matrices last
     if backend == "svd":
         try:
             return lowrank_svd(stacked, rank_k).permute(1, 2, 0), False
         except RuntimeError:  # torch.linalg.LinAlgError
             pass
-    low = lowrank_poweriter(stacked * lo * hi, rank_k, poweriter_steps) / hi / lo
+    low = lowrank_poweriter(stacked, rank_k, poweriter_steps)
     return low.permute(1, 2, 0), backend == "svd"
 
 
@@ -211,8 +231,15 @@ def _filter(g: torch.Tensor, retain: float, rank_k: int, backend: str, poweriter
             return bus.span(name, device=g.device, **tags)
 
     kernel = (g.shape[-2], g.shape[-1])
+    # every stage works on the gradient scaled by powers of 2 that bring its largest entry
+    # near 1 (exact both ways): a denormal gradient would underflow power iteration's
+    # normalizations to NaN, a huge one (entries past max/taps) overflow the transform, the
+    # energies and LAPACK's svd; the masks and statistics are ratios, unchanged by scaling
+    x = g.to(_work_dtype(g))
+    lo, hi = _power_of_2_scales(x)
+    x = x * lo * hi
     with span("falcon/fft"):
-        f = spectrum(g)
+        f = spectrum(x)
     energy = None
     if mask is None or stats:
         with span("falcon/mask"):
@@ -220,15 +247,18 @@ def _filter(g: torch.Tensor, retain: float, rank_k: int, backend: str, poweriter
             if mask is None:
                 mask = energy_mask(energy, retain, fast_mask)
     with span("falcon/lowrank"):
-        low, svd_failed = lowrank_bins(f, rank_k, backend, poweriter_steps)
+        low, svd_failed = _lowrank(f, rank_k, backend, poweriter_steps)
     with span("falcon/ifft"):
-        out = inverse(low, mask, kernel).to(g.dtype)
+        scaled = inverse(low, mask, kernel)
+        out = (scaled / hi / lo).to(g.dtype)
         if skip_mix > 0.0:
             out = torch.lerp(out, g, skip_mix)
     result_stats, error = None, None
     if stats:
         try:
-            result_stats = _stats(g, f, low, out, energy, mask)
+            if skip_mix > 0.0:  # the mixed gradient, at the same scale as x
+                scaled = out.to(x.dtype) * lo * hi
+            result_stats = _stats(x, f, low, scaled, energy, mask)
         except Exception as exc:  # telemetry never costs the gradient
             error = exc
             nan = torch.full((), math.nan, device=g.device)

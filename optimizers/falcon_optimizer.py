@@ -28,6 +28,7 @@ from optimizers.falcon import (
     check_skip_mix,
     mask_shape,
 )
+from optimizers.muon import MAX_SCALAR
 
 Schedule = float | tuple[float, float]
 ApplyTo = Callable[[str], bool] | Iterable[int] | None
@@ -58,16 +59,19 @@ def scheduled(pair: tuple[float, float], step: int, total_steps: int | None) -> 
 def _check_group(group: dict) -> None:
     """Validate a param group's options in place (schedules become (start, end) pairs)."""
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    if not (_is_real(lr) and lr >= 0):
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    # past MAX_SCALAR, lr * wd, Adam's step size or eps overflow float32 when torch converts
+    # them for a foreach op: a RuntimeError in step(), so they are refused here
+    if not (_is_real(lr) and 0 <= lr <= MAX_SCALAR):
+        raise ValueError(f"lr must be a number >= 0 and <= {MAX_SCALAR:g}, got {lr!r}")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
-    if not (_is_real(eps) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    if not (_is_real(wd) and wd >= 0):
-        raise ValueError(f"weight_decay must be a number >= 0, got {wd!r}")
+    if not (_is_real(eps) and 0 <= eps <= MAX_SCALAR):
+        raise ValueError(f"eps must be a number >= 0 and <= {MAX_SCALAR:g}, got {eps!r}")
+    if not (_is_real(wd) and 0 <= wd <= MAX_SCALAR):
+        raise ValueError(f"weight_decay must be a number >= 0 and <= {MAX_SCALAR:g}, "
+                         f"got {wd!r}")
     group["retain_energy"] = _pair(group["retain_energy"], "retain_energy", check_retain_energy)
     group["skip_mix"] = _pair(group["skip_mix"], "skip_mix", check_skip_mix)
     check_lowrank(group["rank_k"], group["backend"], group["poweriter_steps"])
@@ -124,7 +128,12 @@ class Falcon(torch.optim.Optimizer):
             if isinstance(apply_to, (str, bytes)) or not isinstance(apply_to, Iterable):
                 raise ValueError(f"apply_to must be None, a predicate on the parameter name or "
                                  f"an iterable of conv-weight indices, got {apply_to!r}")
-            apply_to = tuple(apply_to)
+            try:  # a 0-d tensor is an Iterable that cannot be iterated
+                apply_to = tuple(apply_to)
+            except TypeError:
+                raise ValueError(f"apply_to must be None, a predicate on the parameter name "
+                                 f"or an iterable of conv-weight indices, got {apply_to!r}") \
+                    from None
             if not all(_is_int(i) for i in apply_to):
                 raise ValueError(f"apply_to indices must be ints, got {apply_to!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -147,8 +156,13 @@ class Falcon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (its Falcon options are validated; a bad one is not added)."""
+        if isinstance(param_group, dict) and "params" not in param_group:
+            raise ValueError(f"param_group must have a 'params' entry (the tensors to "
+                             f"optimize), got keys {sorted(map(str, param_group))}")
         super().add_param_group(param_group)
         try:
+            if not self.param_groups[-1]["params"]:
+                raise ValueError("optimizer got an empty parameter group (params=[])")
             _check_group(self.param_groups[-1])
             if self._planned:
                 self._plan()

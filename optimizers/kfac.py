@@ -64,20 +64,35 @@ def choose_policy(policy: str, tokens: int, out_dim: int, rho: float, t_max: int
     return "woodbury", f"T={tokens} <= auto_rho*out={rho:g}*{out_dim} and <= auto_t_max={t_max}"
 
 
-def _number(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
-            hi_open: bool = False, none_ok: bool = False) -> None:
+MAX_SCALAR = 1e18  # no real argument needs more; past it step() overflows float32 products
+
+
+def _number(name: str, value: Any, lo: float, hi: float = MAX_SCALAR, lo_open: bool = False,
+            hi_open: bool = False, none_ok: bool = False) -> float | None:
+    """``value`` as a float when it is a finite real in the interval (or None when allowed),
+    else a ValueError naming ``name``."""
     if value is None and none_ok:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) \
-        and (value < hi if hi_open else value <= hi)
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        v = float(value) if ok else math.nan
+    except OverflowError:  # an int past float64 (10**400)
+        v = math.inf
+    ok = ok and math.isfinite(v) and (v > lo if lo_open else v >= lo) \
+        and (v < hi if hi_open else v <= hi)
     if not ok:
         left = "(" if lo_open else "["
-        right = ")" if hi_open or hi == math.inf else "]"
+        right = ")" if hi_open else "]"
         extra = " or None" if none_ok else ""
         raise ValueError(f"{name} must be a finite number in {left}{lo:g}, {hi:g}{right}{extra}, "
                          f"got {value!r}")
+    return v
+
+
+def _choice(name: str, value: Any, allowed) -> None:
+    # the type first: ``in`` on a numpy array or tensor raises an error that names nothing
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _integer(name: str, value: Any, lo: int) -> None:
@@ -103,26 +118,23 @@ class KFAC(torch.optim.Optimizer):
                  bus: hooks.Bus | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _number("lr", lr, 0.0)
-        _number("momentum", momentum, 0.0, 1.0, hi_open=True)
-        _number("weight_decay", weight_decay, 0.0)
-        _number("damping", damping, 0.0, lo_open=True)
-        _number("factor_decay", factor_decay, 0.0, 1.0, hi_open=True)
+        # reals are kept as floats: an int lr of 10**10 would overflow int64 in lr * lr
+        lr = _number("lr", lr, 0.0)
+        momentum = _number("momentum", momentum, 0.0, 1.0, hi_open=True)
+        weight_decay = _number("weight_decay", weight_decay, 0.0)
+        damping = _number("damping", damping, 0.0, lo_open=True)
+        factor_decay = _number("factor_decay", factor_decay, 0.0, 1.0, hi_open=True)
         _integer("factor_every", factor_every, 1)
         _integer("inverse_every", inverse_every, 1)
-        _number("kl_clip", kl_clip, 0.0, lo_open=True, none_ok=True)
-        _number("max_condition", max_condition, 1.0, lo_open=True, none_ok=True)
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        _number("auto_rho", auto_rho, 0.0, lo_open=True)
+        kl_clip = _number("kl_clip", kl_clip, 0.0, lo_open=True, none_ok=True)
+        max_condition = _number("max_condition", max_condition, 1.0, lo_open=True,
+                                none_ok=True)
+        _choice("policy", policy, POLICIES)
+        auto_rho = _number("auto_rho", auto_rho, 0.0, lo_open=True)
         _integer("auto_t_max", auto_t_max, 1)
-        if woodbury_store not in STORES:
-            raise ValueError(f"woodbury_store must be one of {', '.join(STORES)}, "
-                             f"got {woodbury_store!r}")
-        if woodbury_damping not in WOODBURY_DAMPINGS:
-            raise ValueError(f"woodbury_damping must be one of {', '.join(WOODBURY_DAMPINGS)}, "
-                             f"got {woodbury_damping!r}")
-        if woodbury_dtype not in STORE_DTYPES:
+        _choice("woodbury_store", woodbury_store, STORES)
+        _choice("woodbury_damping", woodbury_damping, WOODBURY_DAMPINGS)
+        if not isinstance(woodbury_dtype, torch.dtype) or woodbury_dtype not in STORE_DTYPES:
             raise ValueError(f"woodbury_dtype must be one of torch.float32, torch.float16, "
                              f"torch.bfloat16, got {woodbury_dtype!r}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
@@ -174,7 +186,7 @@ class KFAC(torch.optim.Optimizer):
     # -- setup ---------------------------------------------------------------------------
     @staticmethod
     def _resolve_skip(model: nn.Module, skip: Iterable[Any]) -> set[nn.Module]:
-        if isinstance(skip, (str, nn.Module)) or not isinstance(skip, Iterable):
+        if isinstance(skip, (str, nn.Module, torch.Tensor)) or not isinstance(skip, Iterable):
             raise ValueError(f"skip must be an iterable of module names, modules or module "
                              f"types, got {skip!r}")
         named = dict(model.named_modules())

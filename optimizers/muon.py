@@ -57,7 +57,10 @@ def _real(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool 
     allowed = f"a finite float in {lb}{lo:g}, {hi:g}{rb}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int past float64 (10**400)
+        v = math.inf
     ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) \
         and (v < hi if hi_open else v <= hi)
     if not ok:
@@ -85,7 +88,8 @@ def _check_group(g: dict) -> None:
         ns_dtype_name(g["ns_dtype"])
     except ValueError as exc:
         raise ValueError("ns_" + str(exc)) from None
-    if g["adjust_lr"] not in ADJUST_LR:
+    if not (g["adjust_lr"] is None or isinstance(g["adjust_lr"], str)
+            and g["adjust_lr"] in ADJUST_LR):
         raise ValueError(f"adjust_lr must be None, 'original' or 'match_rms_adamw', "
                          f"got {g['adjust_lr']!r}")
     nw = g["normalize_weights"]
@@ -102,7 +106,7 @@ def _check_group(g: dict) -> None:
     for i, b in enumerate(betas):
         _real(f"betas_fallback[{i}]", b, 0.0, 1.0, hi_open=True)
     _real("eps_fallback", g["eps_fallback"], 0.0, MAX_SCALAR, lo_open=True)
-    if g["use_muon"] not in (None, True, False):
+    if not (g["use_muon"] is None or isinstance(g["use_muon"], bool)):
         raise ValueError(f"use_muon must be None, True or False, got {g['use_muon']!r}")
     routing.check_routing_args(g["min_dim"], g["max_aspect"])
 
@@ -145,7 +149,7 @@ class Muon(torch.optim.Optimizer):
                  betas_fallback: tuple[float, float] = (0.9, 0.95),
                  min_dim: int = 2, max_aspect: float = 32.0, bus: hooks.Bus | None = None,
                  eps_fallback: float = 1e-8, batch_shapes: bool = True) -> None:
-        if fallback not in ("adamw", None):
+        if not (fallback is None or isinstance(fallback, str) and fallback == "adamw"):
             raise ValueError(f"fallback must be 'adamw' or None (no fallback: every parameter "
                              f"must be a matrix Newton-Schulz can take), got {fallback!r}")
         if not isinstance(batch_shapes, bool):
@@ -176,6 +180,9 @@ class Muon(torch.optim.Optimizer):
         """Validate the group, route each parameter and add one group per route."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        if "params" not in param_group:
+            raise ValueError(f"param_group must have a 'params' entry (the tensors to "
+                             f"optimize), got keys {sorted(map(str, param_group))}")
         group = dict(param_group)
         params = group.pop("params")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -199,6 +206,9 @@ class Muon(torch.optim.Optimizer):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"optimizer can only optimize Tensors, but {name} is "
                                 f"{torch.typename(t)}")
+            if not t.is_floating_point():  # an integer tensor can never get a gradient
+                raise ValueError(f"params must be real floating-point tensors: {name} has "
+                                 f"dtype {t.dtype}")
             r = routing.decide(name, t, opts["use_muon"], opts["min_dim"], opts["max_aspect"])
             if r.route == routing.FALLBACK and self.fallback is None:
                 raise ValueError(f"fallback=None but {name} cannot go to Newton-Schulz "

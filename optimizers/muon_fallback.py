@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from optimizers.adamw_step import eps_floor
+
 
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
@@ -25,6 +27,11 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [(1.0 - beta2 ** s) ** 0.5 for s in steps])
     torch._foreach_add_(denom, eps)
+    for dtype in {p.dtype for p in params}:  # eps below the dtype's resolution: no m / 0
+        floor = eps_floor(eps, dtype)
+        if floor is not None:
+            torch._foreach_clamp_min_([d for d, p in zip(denom, params) if p.dtype == dtype],
+                                      floor)
     rms = None
     if want_rms:
         rms = [(m / d).square().mean().sqrt() * s for m, d, s in zip(exp_avgs, denom,

@@ -39,7 +39,8 @@ def decide(name: str, p: torch.Tensor, use_muon: bool | None, min_dim: int,
            max_aspect: float) -> Route:
     """Route ``p``: Newton-Schulz for 2-D/4-D matrices whose sides are >= ``min_dim`` and
     whose aspect ratio is <= ``max_aspect``; the fallback for the rest and where the user set
-    ``use_muon=False``. ``use_muon=True`` skips the size checks but still needs a matrix."""
+    ``use_muon=False``. ``use_muon=True`` skips the size checks but still needs a matrix;
+    a 0-size one goes to the fallback whatever ``use_muon`` says."""
     shape = tuple(p.shape)
     numel = p.numel()
     ms = matrix_shape(shape)
@@ -54,6 +55,9 @@ def decide(name: str, p: torch.Tensor, use_muon: bool | None, min_dim: int,
     if p.is_complex():
         raise ValueError(f"params must be real: {name} is {p.dtype}")
     rows, cols = ms
+    if numel == 0:  # use_muon=True too: no matrix to orthogonalize (and no rows/cols ratio)
+        return Route(name, shape, FALLBACK, f"0-size {rows}x{cols}: nothing to orthogonalize",
+                     numel)
     flat = "conv [out, in*kh*kw]" if len(shape) == 4 else "2-D"
     if use_muon:
         return Route(name, shape, MUON, f"{flat}, marked use_muon=True", numel)

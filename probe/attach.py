@@ -150,7 +150,8 @@ class Probe:
                              f"got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if not (gpu == "auto" or gpu is True or gpu is False):  # 1 == True: refuse ints
+        if not (gpu is True or gpu is False  # 1 == True: refuse ints
+                or isinstance(gpu, str) and gpu == "auto"):
             raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
         if not isinstance(profile, bool):
             raise ValueError(f"profile must be True or False, got {profile!r}")
@@ -158,11 +159,11 @@ class Probe:
             raise ValueError("profile=True needs a logdir to write the traces to")
         if not isinstance(histograms, bool):
             raise ValueError(f"histograms must be True or False, got {histograms!r}")
-        if on_nonfinite not in _ON_NONFINITE:
+        if not isinstance(on_nonfinite, str) or on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
-        if reduce not in distributed.REDUCE_OPS:
+        if not (reduce is None or isinstance(reduce, str) and reduce in distributed.REDUCE_OPS):
             raise ValueError(f"reduce must be one of {distributed.REDUCE_OPS}, got {reduce!r}")
-        if per not in PER:
+        if not isinstance(per, str) or per not in PER:
             raise ValueError(f"per must be one of {PER}, got {per!r}")
         if per != "param" and reduce is not None:
             raise ValueError(f"per={per!r} with reduce={reduce!r} is not supported: reduced "
@@ -182,7 +183,11 @@ class Probe:
                                        or not isinstance(collectors, Iterable)):
             raise ValueError(f"collectors must be a list of objects with handle(events) or "
                              f"None, got {type(collectors).__name__}")
-        collectors = list(collectors) if collectors is not None else None
+        try:  # a 0-d tensor is an Iterable that cannot be iterated
+            collectors = list(collectors) if collectors is not None else None
+        except TypeError as exc:
+            raise ValueError(f"collectors must be a list of objects with handle(events) or "
+                             f"None, got {type(collectors).__name__}: {exc}") from None
         if collectors is not None:
             for c in collectors:
                 if not callable(getattr(c, "handle", None)):

@@ -9,6 +9,7 @@ the snapshot, and all per-parameter numbers leave in one stacked tensor.
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 
 import torch
 
@@ -16,6 +17,8 @@ _TINY = 1e-30
 _F32 = torch.float32
 STAT_ROWS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
 _foreach_clone = getattr(torch, "_foreach_clone", None)  # absent from older torch releases
+_HALF = frozenset((torch.float16, torch.bfloat16))
+_dtype = attrgetter("dtype")
 
 
 def entries(t: torch.Tensor, exact: bool = True) -> torch.Tensor:
@@ -39,10 +42,25 @@ def _plain(ts: list[torch.Tensor], exact: bool = True) -> list[torch.Tensor]:
 def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
     """sum |g| of each gradient, stacked: non-finite where a NaN or Inf is present.
 
-    The L1 norm is used rather than max-abs (3x slower on CPU) or L2 (squares overflow fp32
-    from |g| ~ 1e19); it overflows only when sum |g| passes the dtype's range.
+    The L1 norm is used rather than max-abs (3x slower on CPU, and undefined on a 0-size
+    tensor) or L2 (squares overflow fp32 from |g| ~ 1e19). Half-precision gradients are summed
+    into float32: in their own dtype a finite float16 gradient overflows from a sum of 65504
+    (a few hundred entries of 1e3, common under loss scaling). A float32/float64/bfloat16 sum
+    still overflows for entries near the dtype's largest value; ``FiniteCheck.mask`` re-checks
+    the gradients this flags, so only these sums' readers on CUDA can see such a false alarm.
     """
-    return torch.stack(torch._foreach_norm(_plain(grads, exact=False), 1))
+    grads = _plain(grads, exact=False)
+    if _HALF.isdisjoint(map(_dtype, grads)):
+        return torch.stack(torch._foreach_norm(grads, 1))
+    half = [i for i, g in enumerate(grads) if g.dtype in _HALF]
+    full = [i for i, g in enumerate(grads) if g.dtype not in _HALF]
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    for i, v in zip(half, torch._foreach_norm([grads[i] for i in half], 1, dtype=_F32)):
+        out[i] = v
+    if full:
+        for i, v in zip(full, torch._foreach_norm([grads[i] for i in full], 1)):
+            out[i] = v
+    return torch.stack(out)
 
 
 class FiniteCheck:
@@ -57,24 +75,40 @@ class FiniteCheck:
         self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def mask(self, grads: list[torch.Tensor]) -> list[bool]:
-        """One bool per gradient: True where it holds a NaN or Inf."""
+        """One bool per gradient: True where it holds a NaN or Inf (exactly: a finite
+        gradient whose sum overflows is not named)."""
         if self.all_finite(grads):
             return [False] * len(grads)
-        return [not math.isfinite(v) for v in abs_sums(grads).tolist()]
+        sums = abs_sums(grads).tolist()
+        # an infinite sum of finite entries (near the dtype's largest value): look again
+        return [not math.isfinite(v) and not bool(torch.isfinite(entries(g, False)).all())
+                for v, g in zip(sums, grads)]
 
     def all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """True when every gradient is finite; gradients are left bit-identical."""
+        """True when every gradient is finite; gradients are left bit-identical. False may
+        also mean a finite bfloat16 gradient whose sum overflows float32 (``mask`` is exact)."""
         dev = grads[0].device
         flags = self._flags.get(dev)
         if flags is None:
             flags = self._flags[dev] = (torch.zeros(1, device=dev), torch.ones(1, device=dev))
         found, one = flags
-        # the AMP check multiplies by inv_scale = 1.0 in place, which leaves every value (NaN,
-        # -0.0, subnormals) bit-identical; it only ever sets `found`, so a clean pass needs no
-        # reset. Gradients it does not take (sparse, mixed devices) go the slow way.
+        # the AMP check multiplies by inv_scale = 1.0 in place, which leaves float32 and
+        # float64 values (NaN, -0.0, subnormals) bit-identical; it only ever sets `found`, so
+        # a clean pass needs no reset. It would rewrite a float16/bfloat16 NaN as the
+        # canonical NaN (its float round trip drops sign and payload), so half-precision
+        # gradients are checked by their float32 sums instead. Gradients it does not take
+        # (sparse, mixed devices) go the slow way.
+        grads = _plain(grads, exact=False)
         try:
-            torch._amp_foreach_non_finite_check_and_unscale_(_plain(grads, exact=False),
-                                                             found, one)
+            if _HALF.isdisjoint(map(_dtype, grads)):
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+            else:
+                full = [g for g in grads if g.dtype not in _HALF]
+                if full:
+                    torch._amp_foreach_non_finite_check_and_unscale_(full, found, one)
+                half = torch.stack(torch._foreach_norm([g for g in grads if g.dtype in _HALF],
+                                                       1, dtype=_F32))
+                found.add_((~torch.isfinite(half)).any().to(found.device))
         except (RuntimeError, TypeError, NotImplementedError):
             return False
         if not found.item():
