@@ -333,26 +333,13 @@ KFAC_POISONS = ["none", "loss_zero", "loss_huge", "loss_tiny", "loss_denormal", 
 _LOSS_SCALE = {"loss_zero": 0.0, "loss_huge": 1e30, "loss_tiny": 1e-30,
                "loss_denormal": 1e-40, "loss_nan": math.nan, "loss_inf": math.inf}
 
-# K-FAC defects the sweep found. optimizers/kfac*.py and woodbury.py are being changed by
-# someone else right now (issue 18 leaves them alone), so the cases stay below as strict
-# xfails and the sweep skips only the property they break (a finite weight), from the step
-# that carries the poison on.
+# K-FAC defects the sweep found, fixed (range-safe G sums and KL clip, optimizers/kfac.py):
 # 1. Woodbury: a finite gradient at 1e30 (the loss or an output gradient scaled by 1e30) in
-#    float32/bfloat16 under policy "woodbury" (or "auto" when it picks it) writes NaN into the
-#    weights at its first step, KL clip or not: the rows U pass the finiteness check on the
-#    factors, but (U * U).sum() and the T x T Gram overflow float32, so the damping and the
-#    inverse are not finite.
-# 2. KL clip: once an inverse exists (eig policy), the same gradient makes sum <NG, grad>
-#    overflow float32; products of both signs overflow to +inf and -inf, their sum is NaN, and
-#    so is the clip's scale and every layer's step (with kl_clip=None the step stays finite).
-# float64 holds (1e60 fits); the eig policy's own first step holds (G overflows to inf and is
-# caught by the finiteness check, which keeps the last inverse).
-KFAC_HUGE = {"dtypes": (torch.float32, torch.bfloat16), "poisons": ("loss_huge", "outgrad_huge")}
-
-
-def _kfac_finite_expected(case: dict, step: int) -> bool:
-    return not (case["dtype"] in KFAC_HUGE["dtypes"]
-                and any(k in KFAC_HUGE["poisons"] for k in case["poisons"][:step + 1]))
+#    float32/bfloat16 under policy "woodbury" (or "auto" when it picks it) wrote NaN into the
+#    weights at its first step: (U * U).sum() and the T x T Gram overflowed float32.
+# 2. KL clip: once an inverse existed (eig policy), the same gradient made sum <NG, grad>
+#    overflow float32 to NaN, and so every layer's step.
+# Both stay as direct tests below, and the sweep checks finite weights on every case.
 
 
 @st.composite
@@ -438,15 +425,13 @@ def check_kfac_case(case: dict, label: str = "KFAC") -> None:
     _, ours, rec = _kfac_run(case, probed=True)
     if any(b for *_, b in bare):
         NONFINITE[label] += 1
-    if not _kfac_finite_expected(case, len(case["poisons"]) - 1):
-        EXEMPT[label] += 1
     clean = True
     for step, ((pb, gb, sb, bad), (po, go, so, _)) in enumerate(zip(bare, ours)):
         clean = clean and not bad
         for n, a, b in zip(names, pb, po):
             assert same(a, b), f"KFAC step {step}: {n} differs with telemetry on"
             assert not (torch.isnan(b) & ~torch.isnan(a)).any(), "KFAC: NaN from telemetry"
-            if clean and _kfac_finite_expected(case, step):
+            if clean:
                 assert torch.isfinite(b).all(), \
                     f"KFAC step {step}: {n} got a non-finite weight from finite gradients"
         for n, a, b in zip(names, gb, go):
@@ -468,21 +453,11 @@ def test_hostile_sweep_kfac():
     sweep()
 
 
-def _kfac_known(model, dtype, policy, poisons, monkeypatch):
-    monkeypatch.setitem(KFAC_HUGE, "poisons", ())  # assert what the sweep leaves out
-    try:
-        check_kfac_case({"model": model, "dtype": dtype, "batch": 4, "policy": policy,
-                         "inverse_every": 1, "poisons": poisons, "seed": 1}, "KFAC xfail")
-    except AssertionError as exc:  # only the known defect counts as the expected failure
-        if "non-finite weight from finite gradients" not in str(exc):
-            raise RuntimeError(f"not the known defect: {exc}") from exc
-        raise
+def _kfac_huge(model, dtype, policy, poisons):
+    check_kfac_case({"model": model, "dtype": dtype, "batch": 4, "policy": policy,
+                     "inverse_every": 1, "poisons": poisons, "seed": 1}, "KFAC huge")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="K-FAC defect 1: a finite 1e30 gradient under the Woodbury inverse "
-                          "writes NaN into float32/bfloat16 weights (U*U and the T x T Gram "
-                          "overflow); optimizers/kfac*.py and woodbury.py are off limits here")
 @pytest.mark.parametrize("model,dtype,policy,poison", [
     ("mlp", torch.float32, "woodbury", "loss_huge"),
     ("mlp", torch.bfloat16, "woodbury", "outgrad_huge"),
@@ -490,24 +465,20 @@ def _kfac_known(model, dtype, policy, poisons, monkeypatch):
     ("conv7x7", torch.float32, "woodbury", "outgrad_huge"),
     ("conv1x1", torch.bfloat16, "woodbury", "loss_huge"),
 ])
-def test_kfac_known_defect_huge_gradient_under_woodbury(model, dtype, policy, poison,
-                                                        monkeypatch):
-    _kfac_known(model, dtype, policy, [poison, "none"], monkeypatch)
+def test_kfac_huge_gradient_under_woodbury_keeps_weights_finite(model, dtype, policy, poison):
+    """Was K-FAC defect 1: a finite 1e30 gradient wrote NaN through the Woodbury inverse."""
+    _kfac_huge(model, dtype, policy, [poison, "none"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="K-FAC defect 2: the KL clip's sum <NG, grad> of a finite 1e30 "
-                          "gradient overflows float32 to NaN, so every layer steps NaN; "
-                          "optimizers/kfac*.py is off limits here")
 @pytest.mark.parametrize("model,dtype,poison", [
     ("mlp", torch.float32, "loss_huge"),
     ("with_empty", torch.bfloat16, "outgrad_huge"),
     ("linear_1xN", torch.float32, "loss_huge"),
     ("conv1x1", torch.float32, "outgrad_huge"),
 ])
-def test_kfac_known_defect_huge_gradient_overflows_the_kl_clip(model, dtype, poison,
-                                                               monkeypatch):
-    _kfac_known(model, dtype, "eig", ["none", poison, "none"], monkeypatch)
+def test_kfac_huge_gradient_keeps_the_kl_clip_finite(model, dtype, poison):
+    """Was K-FAC defect 2: the KL clip's sum <NG, grad> overflowed to NaN."""
+    _kfac_huge(model, dtype, "eig", ["none", poison, "none"])
 
 
 # -- the defects the sweep found, fixed: one direct test each -----------------------------------
