@@ -19,7 +19,8 @@ class JSONLines:
     process killed mid-run leaves whole lines behind except possibly the last. A failed write
     (a full disk) raises to the bus, which counts it; the next write that succeeds first ends
     the line the failure may have torn, so every later line is whole again. NaN and Inf are
-    written as the JSON extensions ``NaN``/``Infinity`` that Python's json reads back. A
+    written as the JSON extensions ``NaN``/``Infinity`` that Python's json reads back. A file
+    removed mid-run (its folder deleted) is started again at its path, the fault counted. A
     histogram topic's sampled values are written as their buckets (``dashboards.histograms.
     bins``: min, max, num, sum, sum_squares, limits, counts), not value by value.
     """
@@ -42,6 +43,11 @@ class JSONLines:
     def handle(self, events: list[Event | Vector]) -> None:
         if self._file.closed:
             return
+        # a file removed under us (its run folder deleted mid-run) would take every later
+        # line into an unlinked inode: start a new one at the path, and say so once
+        removed = os.fstat(self._file.fileno()).st_nlink == 0
+        if removed:
+            self._reopen()
         run = self.run_id
         dicts = (_line(e) for e in events) if run is None else \
             ({**_line(e), "run": run} for e in events)
@@ -51,6 +57,17 @@ class JSONLines:
         while data:
             n = self._file.write(data)
             data = data[n:]
+        self._torn = False
+        if removed:
+            raise OSError(f"{self.path} was removed while the run wrote it; a new file was "
+                          f"started there with this step's events")
+
+    def _reopen(self) -> None:
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        old, self._file = self._file, open(self.path, "ab", buffering=0)  # noqa: SIM115
+        old.close()
         self._torn = False
 
     def close(self) -> None:

@@ -390,3 +390,53 @@ def test_the_write_check_leaves_nothing_and_fails_where_nothing_can_be_written(t
     assert os.listdir(tmp_path / "made-again") == []
     (tmp_path / "a-file").write_text("x")
     assert not event_writer._takes_writes(str(tmp_path / "a-file" / "run"))
+
+
+def test_a_run_folder_deleted_mid_run_is_made_again_and_the_fault_counted(tmp_path, capfd):
+    """rm -rf of the run folder during training: the steps after it are in a new events.jsonl
+    and TensorBoard file in the folder made again, the fault counted, the run unharmed."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with probe.attach(opt, model=model, every=1, logdir=run) as p:
+        for s in range(10):
+            if s == 5:
+                p.flush()
+                shutil.rmtree(run)
+            _step(model, opt, s)
+            p.log("train/loss", float(s))
+            p.flush()
+    good, _ = read_events(run / "events.jsonl")
+    assert {r["step"] for r in good if r["topic"] == "train/loss"} >= set(range(6, 10))
+    assert p.bus.collector_errors >= 1
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert {e.step for e in acc.Scalars("train/loss")} >= set(range(6, 10))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "was removed while the run wrote it" in err
+
+
+def test_a_logdir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    opt = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="logdir must be a folder"):
+        probe.attach(opt, logdir=path)
+    assert not opt._optimizer_step_pre_hooks and path.read_text() == "x"
+
+
+def test_keyboard_interrupt_inside_the_with_flushes_and_propagates(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        with probe.attach(opt, model=model, every=1, logdir=tmp_path):
+            for s in range(3):
+                _step(model, opt, s)
+            raise KeyboardInterrupt
+    good, bad = read_events(tmp_path / "events.jsonl")
+    assert not bad and {r["step"] for r in good if r["topic"] == "step/time_ms"} == {0, 1, 2}
+    assert not opt._optimizer_step_pre_hooks
