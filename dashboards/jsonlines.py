@@ -45,7 +45,7 @@ class JSONLines:
             return
         # a file removed under us (its run folder deleted mid-run) would take every later
         # line into an unlinked inode: start a new one at the path, and say so once
-        removed = os.fstat(self._file.fileno()).st_nlink == 0
+        removed = _unlinked(self._file)
         if removed:
             self._reopen()
         run = self.run_id
@@ -73,6 +73,14 @@ class JSONLines:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def _unlinked(f) -> bool:
+    """True when the open file ``f`` no longer has a name (removed, or its folder deleted)."""
+    try:
+        return os.fstat(f.fileno()).st_nlink == 0
+    except (AttributeError, OSError, ValueError):  # not a real file: nothing to tell
+        return False
 
 
 def _line(e: Event | Vector) -> dict:
