@@ -34,6 +34,7 @@ from optimizers.kfac_math import (
     woodbury_natural_gradient,
 )
 from optimizers.linalg import clipped_eigh
+from optimizers.muon import MAX_SCALAR, real_in
 from optimizers.woodbury import STORE_DTYPES, LowRankEig, WoodburyInverse
 
 __all__ = ["KFAC", "choose_policy", "lowrank_natural_gradient", "natural_gradient",
@@ -64,29 +65,13 @@ def choose_policy(policy: str, tokens: int, out_dim: int, rho: float, t_max: int
     return "woodbury", f"T={tokens} <= auto_rho*out={rho:g}*{out_dim} and <= auto_t_max={t_max}"
 
 
-MAX_SCALAR = 1e18  # no real argument needs more; past it step() overflows float32 products
-
-
 def _number(name: str, value: Any, lo: float, hi: float = MAX_SCALAR, lo_open: bool = False,
             hi_open: bool = False, none_ok: bool = False) -> float | None:
-    """``value`` as a float when it is a finite real in the interval (or None when allowed),
-    else a ValueError naming ``name``."""
+    """``value`` as a float when it is a finite real in the interval (Muon's check), or None
+    when allowed."""
     if value is None and none_ok:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    try:
-        v = float(value) if ok else math.nan
-    except OverflowError:  # an int past float64 (10**400)
-        v = math.inf
-    ok = ok and math.isfinite(v) and (v > lo if lo_open else v >= lo) \
-        and (v < hi if hi_open else v <= hi)
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        extra = " or None" if none_ok else ""
-        raise ValueError(f"{name} must be a finite number in {left}{lo:g}, {hi:g}{right}{extra}, "
-                         f"got {value!r}")
-    return v
+    return real_in(name, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
 
 
 def _choice(name: str, value: Any, allowed) -> None:

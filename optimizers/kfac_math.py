@@ -89,12 +89,7 @@ def damped_condition(eigenvalues: torch.Tensor, delta: torch.Tensor | float) -> 
     return (hi + delta) / (lo + delta)
 
 
-def woodbury_natural_gradient(grad: torch.Tensor, A: torch.Tensor, U: torch.Tensor,
-                              damping: float, max_condition: float | None = None
-                              ) -> torch.Tensor:
-    """``(U Uᵀ/T + δ_G I)⁻¹ grad (A_c + δ_A I)⁻¹`` for ``U`` ``[out, T]``, with the damping
-    split by :func:`factored_damping`, ``A_c`` clipped to ``max_condition`` and ``δ_G`` raised
-    where needed to keep the G side within it too."""
+def _check_lowrank(grad, A, U, damping, max_condition) -> None:
     _check_grad(grad)
     _check_square("A", A, grad.shape[1])
     if not isinstance(U, torch.Tensor) or U.ndim != 2 or U.shape[0] != grad.shape[0] \
@@ -103,6 +98,15 @@ def woodbury_natural_gradient(grad: torch.Tensor, A: torch.Tensor, U: torch.Tens
         raise ValueError(f"U must be a 2-D tensor [out={grad.shape[0]}, T >= 1], got {shape}")
     _check_damping(damping, allow_zero=False)
     _check_condition(max_condition)
+
+
+def woodbury_natural_gradient(grad: torch.Tensor, A: torch.Tensor, U: torch.Tensor,
+                              damping: float, max_condition: float | None = None
+                              ) -> torch.Tensor:
+    """``(U Uᵀ/T + δ_G I)⁻¹ grad (A_c + δ_A I)⁻¹`` for ``U`` ``[out, T]``, with the damping
+    split by :func:`factored_damping`, ``A_c`` clipped to ``max_condition`` and ``δ_G`` raised
+    where needed to keep the G side within it too."""
+    _check_lowrank(grad, A, U, damping, max_condition)
     lA, QA, _ = clipped_eigh(A, max_condition)
     tokens = U.shape[1]
     mean_G = (U * U).sum() / (tokens * U.shape[0])
@@ -120,14 +124,7 @@ def lowrank_natural_gradient(grad: torch.Tensor, A: torch.Tensor, U: torch.Tenso
     same step as :func:`natural_gradient` on the dense ``G`` (both factors clipped to
     ``max_condition``, exact Tikhonov damping), with G's eigenpairs from the ``T x T`` Gram
     (:class:`optimizers.woodbury.LowRankEig`) instead of an ``out x out`` eigh."""
-    _check_grad(grad)
-    _check_square("A", A, grad.shape[1])
-    if not isinstance(U, torch.Tensor) or U.ndim != 2 or U.shape[0] != grad.shape[0] \
-            or U.shape[1] == 0:
-        shape = tuple(U.shape) if isinstance(U, torch.Tensor) else type(U).__name__
-        raise ValueError(f"U must be a 2-D tensor [out={grad.shape[0]}, T >= 1], got {shape}")
-    _check_damping(damping, allow_zero=False)
-    _check_condition(max_condition)
+    _check_lowrank(grad, A, U, damping, max_condition)
     lA, QA, _ = clipped_eigh(A, max_condition)
     low = LowRankEig(U, U.shape[1], max_condition=max_condition)
     return low.apply(grad @ QA, lA, damping) @ QA.mT

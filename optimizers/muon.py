@@ -49,7 +49,7 @@ def adjusted_lr(lr: float, adjust_lr: str | None, rows: int, cols: int) -> float
     return lr * math.sqrt(max(1.0, rows / cols))
 
 
-def _real(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
+def real_in(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
           hi_open: bool = False) -> float:
     """``value`` as a float when it is a finite real in the given interval, else a
     ValueError naming ``name``; inf is never accepted."""
@@ -70,9 +70,9 @@ def _real(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool 
 
 def _check_group(g: dict) -> None:
     """ValueError naming the option when a group's setting is out of range."""
-    _real("lr", g["lr"], 0.0, MAX_SCALAR)
-    _real("momentum", g["momentum"], 0.0, 1.0, hi_open=True)
-    _real("weight_decay", g["weight_decay"], 0.0, MAX_SCALAR)
+    real_in("lr", g["lr"], 0.0, MAX_SCALAR)
+    real_in("momentum", g["momentum"], 0.0, 1.0, hi_open=True)
+    real_in("weight_decay", g["weight_decay"], 0.0, MAX_SCALAR)
     if not isinstance(g["nesterov"], bool):
         raise ValueError(f"nesterov must be True or False, got {g['nesterov']!r}")
     try:
@@ -97,15 +97,15 @@ def _check_group(g: dict) -> None:
         raise ValueError(f"normalize_weights must be False, True (= 'before', AirBench's "
                          f"order) or 'after', got {g['normalize_weights']!r}")
     if g["lr_fallback"] is not None:
-        _real("lr_fallback", g["lr_fallback"], 0.0, MAX_SCALAR)
+        real_in("lr_fallback", g["lr_fallback"], 0.0, MAX_SCALAR)
     if g["wd_fallback"] is not None:
-        _real("wd_fallback", g["wd_fallback"], 0.0, MAX_SCALAR)
+        real_in("wd_fallback", g["wd_fallback"], 0.0, MAX_SCALAR)
     betas = g["betas_fallback"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas_fallback must be a pair of floats in [0, 1), got {betas!r}")
     for i, b in enumerate(betas):
-        _real(f"betas_fallback[{i}]", b, 0.0, 1.0, hi_open=True)
-    _real("eps_fallback", g["eps_fallback"], 0.0, MAX_SCALAR, lo_open=True)
+        real_in(f"betas_fallback[{i}]", b, 0.0, 1.0, hi_open=True)
+    real_in("eps_fallback", g["eps_fallback"], 0.0, MAX_SCALAR, lo_open=True)
     if not (g["use_muon"] is None or isinstance(g["use_muon"], bool)):
         raise ValueError(f"use_muon must be None, True or False, got {g['use_muon']!r}")
     routing.check_routing_args(g["min_dim"], g["max_aspect"])

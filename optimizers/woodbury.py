@@ -15,6 +15,32 @@ from optimizers.linalg import clipped_eigh, power_iteration, robust_cholesky_inv
 STORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _scaled_store(U: torch.Tensor, tokens, max_condition, store_dtype):
+    """Checked arguments, then (compute dtype, scale, ``U / scale`` in ``store_dtype``, that
+    stored value back in the compute dtype): factors are built from the rounded values
+    ``apply`` will see, so the operator is exact for what is stored."""
+    if not isinstance(U, torch.Tensor) or U.ndim != 2 or 0 in U.shape:
+        raise ValueError(f"U must be a non-empty 2-D tensor [n, T], got "
+                         f"{tuple(U.shape) if isinstance(U, torch.Tensor) else U!r}")
+    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or tokens <= 0:
+        raise ValueError(f"tokens must be a number > 0, got {tokens!r}")
+    if max_condition is not None and not (isinstance(max_condition, (int, float))
+                                          and not isinstance(max_condition, bool)
+                                          and max_condition > 1):
+        raise ValueError(f"max_condition must be a number > 1 or None, got {max_condition!r}")
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of float32, float16, bfloat16, "
+                         f"got {store_dtype!r}")
+    compute = torch.float64 if U.dtype == torch.float64 else torch.float32
+    Uc = U.detach().to(compute)
+    # scaling by the largest entry keeps fp16 storage clear of overflow and underflow
+    scale = Uc.abs().amax().clamp_min(torch.finfo(compute).tiny)
+    # float64 factors stay float64 unless a lower precision is asked for explicitly
+    keep64 = compute == torch.float64 and store_dtype == torch.float32
+    store = (Uc / scale).to(compute if keep64 else store_dtype)
+    return compute, scale, store, store.to(compute)
+
+
 class WoodburyInverse:
     """``(U Uᵀ / T + lam I)⁻¹`` for ``U`` ``[n, T]``; ``apply(X)`` multiplies ``X`` ``[n, m]``.
 
@@ -28,32 +54,12 @@ class WoodburyInverse:
                  store_dtype: torch.dtype = torch.float32,
                  store_device: torch.device | str | None = None, pin: bool = False,
                  max_condition: float | None = None) -> None:
-        if not isinstance(U, torch.Tensor) or U.ndim != 2 or 0 in U.shape:
-            raise ValueError(f"U must be a non-empty 2-D tensor [n, T], got "
-                             f"{tuple(U.shape) if isinstance(U, torch.Tensor) else U!r}")
-        if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or tokens <= 0:
-            raise ValueError(f"tokens must be a number > 0, got {tokens!r}")
         if isinstance(lam, torch.Tensor):
             if lam.numel() != 1:
                 raise ValueError(f"lam must be a scalar, got shape {tuple(lam.shape)}")
         elif not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
             raise ValueError(f"lam must be a number > 0, got {lam!r}")
-        if max_condition is not None and not (isinstance(max_condition, (int, float))
-                                              and not isinstance(max_condition, bool)
-                                              and max_condition > 1):
-            raise ValueError(f"max_condition must be a number > 1 or None, got "
-                             f"{max_condition!r}")
-        if store_dtype not in STORE_DTYPES:
-            raise ValueError(f"store_dtype must be one of float32, float16, bfloat16, "
-                             f"got {store_dtype!r}")
-        compute = torch.float64 if U.dtype == torch.float64 else torch.float32
-        Uc = U.detach().to(compute)
-        # scaling by the largest entry keeps fp16 storage clear of overflow and underflow
-        scale = Uc.abs().amax().clamp_min(torch.finfo(compute).tiny)
-        # float64 factors stay float64 unless a lower precision is asked for explicitly
-        keep64 = compute == torch.float64 and store_dtype == torch.float32
-        store = (Uc / scale).to(compute if keep64 else store_dtype)
-        Us = store.to(compute)  # what apply() will see: build S from the rounded values
+        compute, scale, store, Us = _scaled_store(U, tokens, max_condition, store_dtype)
         gram = Us.mT @ Us
         self.tokens = float(tokens)
         self.lam_max = power_iteration(gram, iters=50) * (scale * scale / self.tokens)
@@ -132,25 +138,7 @@ class LowRankEig:
     def __init__(self, U: torch.Tensor, tokens: int | float, max_condition: float | None = None,
                  store_dtype: torch.dtype = torch.float32,
                  store_device: torch.device | str | None = None, pin: bool = False) -> None:
-        if not isinstance(U, torch.Tensor) or U.ndim != 2 or 0 in U.shape:
-            raise ValueError(f"U must be a non-empty 2-D tensor [n, T], got "
-                             f"{tuple(U.shape) if isinstance(U, torch.Tensor) else U!r}")
-        if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or tokens <= 0:
-            raise ValueError(f"tokens must be a number > 0, got {tokens!r}")
-        if max_condition is not None and not (isinstance(max_condition, (int, float))
-                                              and not isinstance(max_condition, bool)
-                                              and max_condition > 1):
-            raise ValueError(f"max_condition must be a number > 1 or None, got "
-                             f"{max_condition!r}")
-        if store_dtype not in STORE_DTYPES:
-            raise ValueError(f"store_dtype must be one of float32, float16, bfloat16, "
-                             f"got {store_dtype!r}")
-        compute = torch.float64 if U.dtype == torch.float64 else torch.float32
-        Uc = U.detach().to(compute)
-        scale = Uc.abs().amax().clamp_min(torch.finfo(compute).tiny)
-        keep64 = compute == torch.float64 and store_dtype == torch.float32
-        store = (Uc / scale).to(compute if keep64 else store_dtype)
-        Us = store.to(compute)
+        compute, scale, store, Us = _scaled_store(U, tokens, max_condition, store_dtype)
         sigma, W, _ = clipped_eigh(Us.mT @ Us)  # σ >= 0 in units of scale², ascending
         n, t = U.shape
         self.tokens = float(tokens)

@@ -415,9 +415,9 @@ class Probe:
             # a fused optimizer under GradScaler gets the scaled gradients and its kernel
             # unscales them in place, unseen by version counters: copied, then unscaled
             scale = getattr(optimizer, "grad_scale", None)
-            scale = scale.item() if torch.is_tensor(scale) else 1.0
+            scale = scale.detach() if torch.is_tensor(scale) else None
             self._received = Received(params, tags, grads, scale=scale,
-                                      copy=self._copy_grads is not False or scale != 1.0,
+                                      copy=self._copy_grads is not False or scale is not None,
                                       ids=self._params_key)
             if self.reduce is not None or any(bus.wants(t) for t in _NEEDS_BEFORE):
                 self._before = snapshot(params)
@@ -549,9 +549,7 @@ class Probe:
             norms = step_norms(self._before, params, grads)
             if self._shards:
                 norms = sharded.global_norms(norms, self._shards)
-            if rec.scale != 1.0:
-                norms[0] /= rec.scale
-                norms[3] /= rec.scale
+            norms = rec.unscaled_norms(norms)
             if stale is not None:
                 norms[0, stale] = math.nan
                 norms[3, stale] = math.nan
@@ -570,7 +568,7 @@ class Probe:
             for k, topic in enumerate(STAT_ROWS[:3]):
                 bus.emit(topic, totals[k])
         elif bus.wants("grad/norm"):
-            g = torch.stack(torch._foreach_norm(grads)).float() / rec.scale
+            g = rec.unscaled(torch.stack(torch._foreach_norm(grads)).float())
             if self._shards:
                 g = sharded.global_norms(g.unsqueeze(0), self._shards)[0]
             if stale is not None:
@@ -583,7 +581,7 @@ class Probe:
                 bus.emit_each("grad/norm", g, tags if grouping is None else grouping[2])
             bus.emit("grad/norm", g.square().sum().sqrt())
         if self._hist_step() and bus.wants("grad/hist"):
-            self._histograms(bus, "grad/hist", [value_sample(g) / rec.scale for g in grads],
+            self._histograms(bus, "grad/hist", [rec.unscaled(value_sample(g)) for g in grads],
                              tags)
         if bus.device.type == "cuda" and bus.wants("cuda/memory_allocated"):
             dev = bus.device
@@ -617,10 +615,7 @@ class Probe:
             norms = step_norms(self._before, params, grads)
             if self._shards:
                 norms = sharded.global_norms(norms, self._shards)
-            scale = self._received.scale
-            if scale != 1.0:
-                norms[0] /= scale
-                norms[3] /= scale
+            norms = self._received.unscaled_norms(norms)
             table, totals = finish_stats(norms)
             idx = torch.tensor([column[i] for i in self._received.ids], device=dev)
             rows[:, idx] = table.to(dev)

@@ -9,7 +9,6 @@ the snapshot, and all per-parameter numbers leave in one stacked tensor.
 from __future__ import annotations
 
 import math
-from operator import attrgetter
 
 import torch
 
@@ -18,7 +17,6 @@ _F32 = torch.float32
 STAT_ROWS = ("grad/norm", "param/norm", "update/norm", "update/ratio", "update/cos_grad")
 _foreach_clone = getattr(torch, "_foreach_clone", None)  # absent from older torch releases
 _HALF = frozenset((torch.float16, torch.bfloat16))
-_dtype = attrgetter("dtype")
 
 
 def entries(t: torch.Tensor, exact: bool = True) -> torch.Tensor:
@@ -33,10 +31,14 @@ def entries(t: torch.Tensor, exact: bool = True) -> torch.Tensor:
     return t
 
 
-def _plain(ts: list[torch.Tensor], exact: bool = True) -> list[torch.Tensor]:
-    if all(t.layout is torch.strided and not t.is_complex() for t in ts):
-        return ts
-    return [entries(t, exact) for t in ts]
+def _plain(ts: list[torch.Tensor], exact: bool = True) -> tuple[list[torch.Tensor], set]:
+    """(``ts`` as real dense tensors, see :func:`entries`; the set of their dtypes), in one
+    pass over the list when nothing needs converting: this runs on every step."""
+    kinds = {(t.dtype, t.layout) for t in ts}
+    if all(layout is torch.strided and not dtype.is_complex for dtype, layout in kinds):
+        return ts, {dtype for dtype, _ in kinds}
+    ts = [entries(t, exact) for t in ts]
+    return ts, {t.dtype for t in ts}
 
 
 def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -49,8 +51,8 @@ def abs_sums(grads: list[torch.Tensor]) -> torch.Tensor:
     still overflows for entries near the dtype's largest value; ``FiniteCheck.mask`` re-checks
     the gradients this flags, so only these sums' readers on CUDA can see such a false alarm.
     """
-    grads = _plain(grads, exact=False)
-    if _HALF.isdisjoint(map(_dtype, grads)):
+    grads, dtypes = _plain(grads, exact=False)
+    if _HALF.isdisjoint(dtypes):
         return torch.stack(torch._foreach_norm(grads, 1))
     half = [i for i, g in enumerate(grads) if g.dtype in _HALF]
     full = [i for i, g in enumerate(grads) if g.dtype not in _HALF]
@@ -98,9 +100,9 @@ class FiniteCheck:
         # canonical NaN (its float round trip drops sign and payload), so half-precision
         # gradients are checked by their float32 sums instead. Gradients it does not take
         # (sparse, mixed devices) go the slow way.
-        grads = _plain(grads, exact=False)
+        grads, dtypes = _plain(grads, exact=False)
         try:
-            if _HALF.isdisjoint(map(_dtype, grads)):
+            if _HALF.isdisjoint(dtypes):
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
             else:
                 full = [g for g in grads if g.dtype not in _HALF]
@@ -176,11 +178,11 @@ def _norms(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     # accumulated and returned in float32 (bf16 norms keep 3 digits); torch refuses to narrow
     # float64 that way, so a list holding float64 keeps its dtype; an all-float32 list is
     # asked for no dtype, which torch's CPU path takes at half the cost
-    ts = _plain(ts)
-    dtypes = {t.dtype for t in ts}
+    ts, dtypes = _plain(ts)
     wide = torch.float64 in dtypes
     big = [i for i, t in enumerate(ts) if t.numel() > _BIG and t.dtype is not torch.float64]
-    small = [t for i, t in enumerate(ts) if i not in set(big)] if big else ts
+    taken = set(big)
+    small = [t for i, t in enumerate(ts) if i not in taken] if big else ts
     if not small:
         out = []
     elif dtypes <= {_F32} or wide:

@@ -341,21 +341,28 @@ def test_condition_and_clipped_telemetry_against_eigvalsh():
     assert "kfac/jitter" not in topics  # eig layers have no Cholesky
 
 
-def test_woodbury_telemetry_against_eigvalsh():
+def _woodbury_layer_step(damping, kappa, **kfac_kwargs):
+    """One K-FAC step of a Linear(6, 20) on 5 samples (Woodbury: T=5 < 20) whose per-sample
+    output gradients dℓ/dy are ``e``; returns (opt, rec, x, e)."""
     torch.manual_seed(6)
     lin = nn.Linear(6, 20).double()
     x = torch.randn(5, 6, dtype=torch.float64)
-    kappa = 50.0
     bus = hooks.Bus()
     rec = Recorder()
     bus.subscribe(rec, ["kfac/*", "time/kfac/*"])
-    opt = KFAC(lin, damping=1e-6, max_condition=kappa, woodbury_damping="factored", bus=bus)
+    opt = KFAC(lin, damping=damping, max_condition=kappa, bus=bus, **kfac_kwargs)
     bus.begin_step(0)
     y = lin(x)
     e = torch.randn_like(y)
     (y * e).sum(1).mean().backward()  # per-sample dℓ/dy = e
     opt.step()
     bus.end_step()
+    return opt, rec, x, e
+
+
+def test_woodbury_telemetry_against_eigvalsh():
+    kappa = 50.0
+    opt, rec, x, e = _woodbury_layer_step(1e-6, kappa, woodbury_damping="factored")
     a = np.hstack([x.numpy(), np.ones((5, 1))])
     wA, cA = _clip(np.linalg.eigvalsh(a.T @ a / 5), kappa)
     U = e.numpy().T
@@ -374,20 +381,8 @@ def test_woodbury_telemetry_against_eigvalsh():
 def test_exact_woodbury_telemetry_is_the_eig_paths():
     """woodbury_damping="exact": cond_G and clipped_G as the eig path reports them for the
     dense G = U Uᵀ/T (numpy's eigvalsh), no Cholesky, hence no kfac/jitter."""
-    torch.manual_seed(6)
-    lin = nn.Linear(6, 20).double()
-    x = torch.randn(5, 6, dtype=torch.float64)
     kappa = 50.0
-    bus = hooks.Bus()
-    rec = Recorder()
-    bus.subscribe(rec, ["kfac/*"])
-    opt = KFAC(lin, damping=1e-4, max_condition=kappa, bus=bus)
-    bus.begin_step(0)
-    y = lin(x)
-    e = torch.randn_like(y)
-    (y * e).sum(1).mean().backward()
-    opt.step()
-    bus.end_step()
+    opt, rec, x, e = _woodbury_layer_step(1e-4, kappa)
     a = np.hstack([x.numpy(), np.ones((5, 1))])
     wA, cA = _clip(np.linalg.eigvalsh(a.T @ a / 5), kappa)
     wG, cG = _clip(np.linalg.eigvalsh(e.numpy().T @ e.numpy() / 5), kappa)

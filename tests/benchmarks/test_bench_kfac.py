@@ -16,16 +16,20 @@ from probe.gates import step_callable
 from tests.benchmarks.conftest import small_cnn
 
 
-def test_woodbury_vs_eig_out2048_t128(probe_gate):
-    """One layer's inverse refresh and preconditioning, out_dim 2048 backed by T = 128 rows:
-    Woodbury (a 128 x 128 Cholesky) against eig (a 2048 x 2048 eigh); A is 257 x 257 in both."""
+def _wide_layer():
+    """(grad, A, U, G = U Uᵀ/T) of a layer with out_dim 2048 backed by T = 128 rows, A 257 x 257."""
     g = torch.Generator().manual_seed(0)
     out_dim, in_dim, T = 2048, 256, 128
     U = torch.randn(out_dim, T, generator=g)
-    G = U @ U.T / T
     a = torch.randn(4 * in_dim, in_dim + 1, generator=g)
-    A = a.T @ a / a.shape[0]
     grad = torch.randn(out_dim, in_dim + 1, generator=g)
+    return grad, a.T @ a / a.shape[0], U, U @ U.T / T
+
+
+def test_woodbury_vs_eig_out2048_t128(probe_gate):
+    """One layer's inverse refresh and preconditioning, out_dim 2048 backed by T = 128 rows:
+    Woodbury (a 128 x 128 Cholesky) against eig (a 2048 x 2048 eigh); A is 257 x 257 in both."""
+    grad, A, U, G = _wide_layer()
     probe_gate(lambda: woodbury_natural_gradient(grad, A, U, 1e-3, max_condition=1e6),
                lambda: natural_gradient(grad, A, G, 1e-3, max_condition=1e6),
                max_ratio=0.3, warmup=1, rounds=3)
@@ -48,13 +52,7 @@ def test_kfac_amortized_step_vs_sgd(probe_gate, cnn_batch):
 def test_lowrank_exact_vs_eig_out2048_t128(probe_gate):
     """The default Woodbury path (exact Tikhonov damping, G's eigenpairs from the T x T Gram)
     against the out x out eigh it stands in for, on the same layer as the factored gate."""
-    g = torch.Generator().manual_seed(0)
-    out_dim, in_dim, T = 2048, 256, 128
-    U = torch.randn(out_dim, T, generator=g)
-    G = U @ U.T / T
-    a = torch.randn(4 * in_dim, in_dim + 1, generator=g)
-    A = a.T @ a / a.shape[0]
-    grad = torch.randn(out_dim, in_dim + 1, generator=g)
+    grad, A, U, G = _wide_layer()
     probe_gate(lambda: lowrank_natural_gradient(grad, A, U, 1e-3, max_condition=1e6),
                lambda: natural_gradient(grad, A, G, 1e-3, max_condition=1e6),
                max_ratio=0.3, warmup=1, rounds=3)
