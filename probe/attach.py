@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -9,7 +10,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -248,6 +249,7 @@ class Probe:
         self._step_frame = None  # torch's step wrapper running the step in progress
         self._nested = 0  # step() calls inside it (a subclass calling super().step())
         self._overhead = 0.0
+        self._paused = False
         self._closed = False
         self.skipped_steps = 0
         self.scaler_skipped_steps = 0  # fused optimizers' overflow steps under GradScaler
@@ -376,6 +378,8 @@ class Probe:
                 self._nested += 1
                 return
             self._abandon_step()  # the last step raised out of optimizer.step(): close it
+        if self._paused:  # _post_step returns too: it sees no step open
+            return None
         found_inf = getattr(optimizer, "found_inf", None)
         if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
             # GradScaler steps a fused optimizer through an overflow and the kernel skips it;
@@ -652,6 +656,18 @@ class Probe:
     def step(self) -> int:
         """The number of optimizer steps observed so far."""
         return self._step
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Steps taken inside are neither observed nor counted (a step in progress finishes
+        as it began): the probe's cost A/B on one model and optimizer, as the scale gates do."""
+        if self._closed:
+            raise RuntimeError("paused(): this probe is closed")
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
 
     def log(self, topic: str, value: Any, **tags: Any) -> None:
         """Log a training-loop value (``train/loss``, ``eval/accuracy``, ``user/<name>``): a

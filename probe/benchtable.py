@@ -58,7 +58,8 @@ def render(gates: list[dict[str, Any]], meta: dict[str, Any], command: str) -> s
     lines += ["", f"Measured {meta.get('datetime') or '?'} on {cpu} ({cores} cores), Python "
               f"{mi.get('python_version', '?')}, commit {str(ci.get('id', '?'))[:10]}"
               f"{' (dirty)' if ci.get('dirty') else ''}, slack {', '.join(map(str, slack))}; "
-              "ratio = median candidate / median baseline, interleaved in one process. "
+              "ratio = median over rounds of candidate / baseline, the two run back to back in "
+              "each round. "
               f"Command: `{command}`."]
     return "\n".join(lines) + "\n"
 

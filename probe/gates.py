@@ -66,3 +66,19 @@ def probed_step_callable(model: nn.Module, optimizer: torch.optim.Optimizer,
     returns the callable and the probe, which the caller closes."""
     step = step_callable(model, optimizer, inputs, targets, loss_fn)
     return step, probe.attach(optimizer, model=model, **attach_kwargs)
+
+
+def paused_callable(fn: Callable[[], Any], p: probe.Probe) -> Callable[[], None]:
+    """``fn`` run with ``p`` paused: the baseline for the probed ``fn`` on the same model,
+    optimizer and memory (two copies of a model differ by a percent or two per step, as much
+    as the overhead a gate bounds)."""
+    if not callable(fn):
+        raise ValueError(f"fn must be a callable taking no argument, got {fn!r}")
+    if not isinstance(p, probe.Probe):
+        raise ValueError(f"p must be a probe.Probe, got {type(p).__name__}")
+
+    def run() -> None:
+        with p.paused():
+            fn()
+
+    return run

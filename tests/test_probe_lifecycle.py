@@ -147,6 +147,50 @@ def test_attach_from_inside_a_step_starts_at_the_next_step():
     assert made[0].step == 1
 
 
+def test_paused_steps_are_neither_observed_nor_counted_and_the_count_resumes():
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    rec = Recorder()
+    p = probe.attach(opt, every=1, collectors=[rec])
+    _step(m, opt, 0)
+    with p.paused():
+        with p.paused():  # nested: the outer pause holds after the inner one ends
+            _step(m, opt, 1)
+        _step(m, opt, 2)
+    _step(m, opt, 3)
+    p.close()
+    assert p.step == 2
+    assert sorted({e.step for e in rec.events if e.topic == "grad/norm"}) == [0, 1]
+    assert sum(1 for e in rec.events if e.topic == "step/time_ms") == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        with p.paused():
+            pass
+
+
+def test_pausing_inside_a_step_lets_that_step_finish_as_observed():
+    m = _model()
+    opt = torch.optim.LBFGS(m.parameters(), lr=0.1, max_iter=2)
+    rec = Recorder()
+    p = probe.attach(opt, every=1, collectors=[rec])
+    x = torch.randn(3, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = m(x).square().mean()
+        loss.backward()
+        return loss
+
+    def pausing_closure():
+        with p.paused():
+            return closure()
+
+    opt.step(pausing_closure)
+    opt.step(closure)
+    p.close()
+    assert p.step == 2
+    assert sorted({e.step for e in rec.events if e.topic == "grad/norm"}) == [0, 1]
+
+
 @pytest.mark.parametrize("value,expected", [
     (np.float32(1.5), 1.5), (np.int64(3), 3.0), (np.mean([1.0, 2.0]), 1.5),
     (np.array(2.0), 2.0), (True, 1.0), (7, 7.0), (torch.tensor(0.25), 0.25)])

@@ -1,6 +1,9 @@
 """Gates: the probe's cost on real model shapes, a ResNet-18 (62 tensors) and a 12-layer
 transformer (150 tensors), AdamW, the default collectors (TensorBoard + JSON lines) writing
-into a temporary folder; probed and bare steps interleaved in one process.
+into a temporary folder; probed and bare steps interleaved in one process, on one model and
+optimizer: the bare step runs with the probe paused (two copies of a model differ by a percent
+or two per step on this machine, as much as the bounds below). The A/A gates time the bare
+step against itself and show what ratio noise alone gives.
 
 At every=1 each timed call is one step (all sampled). At every=10 a timed call is 10 steps,
 so each holds exactly one sampled step and the ratio carries its amortized cost. At every=100
@@ -10,12 +13,10 @@ over 100 steps, is the every=1 overhead / 100, recorded next to it (extra_info).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from probe.gates import probed_step_callable, step_callable
+from probe.gates import paused_callable, probed_step_callable
 from tests.benchmarks.scale_models import ResNet18, Transformer, resnet_batch, transformer_batch
 
 MODELS = {
@@ -27,15 +28,12 @@ MODELS = {
 def _pair(name: str, tmp_path, every: int, collectors=None):
     make, batch = MODELS[name]
     torch.manual_seed(0)
-    bare_model = make()
-    probed_model = copy.deepcopy(bare_model)
+    model = make()
     x, y = batch()
-    bare = step_callable(bare_model, torch.optim.AdamW(bare_model.parameters(), lr=1e-3), x, y)
     kwargs = {"collectors": collectors} if collectors is not None else {"logdir": tmp_path}
-    probed, p = probed_step_callable(probed_model,
-                                     torch.optim.AdamW(probed_model.parameters(), lr=1e-3),
+    probed, p = probed_step_callable(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
                                      x, y, every=every, **kwargs)
-    return bare, probed, p, len(list(bare_model.parameters()))
+    return paused_callable(probed, p), probed, p, len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -66,5 +64,20 @@ def test_statistics_floor_at_scale(probe_gate, benchmark, tmp_path, name):
         probe_gate(probed, bare, max_ratio=1.10, warmup=2, rounds=50,
                    label=f"probe statistics floor, {name} ({tensors} tensors), collectors=[], "
                          f"every=1")
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_a_control_at_scale(probe_gate, benchmark, tmp_path, name):
+    """The bare step against itself, with the every=100 gate's rounds: the ratio noise gives
+    on this machine, next to the bounds it has to resolve."""
+    bare, _, p, tensors = _pair(name, tmp_path, 100)
+    try:
+        r = probe_gate(bare, bare, max_ratio=1.01, warmup=2, rounds=120,
+                       label=f"A/A control, {name} ({tensors} tensors) + AdamW, bare vs bare")
+        benchmark.extra_info["tensors"] = tensors
+        benchmark.extra_info["overhead_ms_per_step"] = \
+            (r.candidate_median - r.baseline_median) * 1e3
     finally:
         p.close()
