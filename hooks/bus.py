@@ -90,6 +90,11 @@ class _InFlight:
         self.event, self.host, self.items = event, host, items
 
 
+def _quiet(p: _Pending, value: Any, sampled: bool) -> bool:
+    """A quiet alarm on an unsampled step: not news, not delivered."""
+    return p.delivery == _ALARM and not sampled and not value
+
+
 class Bus:
     """Routes telemetry from producers to collectors, one batch per step.
 
@@ -352,9 +357,10 @@ class Bus:
                     if quiet_alarm and not v:
                         continue
                     add(Event(topic, step, v, _str_tags(tags), wall))
-            else:
-                self._append(events, p, chunk[0] if n == 1 and _is_scalar(p.topic) else chunk,
-                             sampled)
+            else:  # tolist() gave Python floats already: no per-value conversion
+                value = chunk[0] if n == 1 and _is_scalar(p.topic) else chunk
+                if not _quiet(p, value, sampled):
+                    add(Event(p.topic, p.step, value, _str_tags(p.tags), p.wall))
 
     def _columns_of(self, tags: list[dict]) -> tuple[list, dict] | None:
         """(parameter names, shared tags) when every dict of ``tags`` has a ``param`` and the
@@ -402,8 +408,8 @@ class Bus:
         self._timers = keep
 
     def _append(self, events: list[Event], p: _Pending, value: Any, sampled: bool) -> None:
-        if p.delivery == _ALARM and not sampled and not value:
-            return  # a quiet alarm on an unsampled step is not news
+        if _quiet(p, value, sampled):
+            return
         kind = type(value)
         if kind is not float and kind is not str:
             if kind in (int, bool):

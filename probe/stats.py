@@ -76,12 +76,19 @@ class FiniteCheck:
     def __init__(self) -> None:
         self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def mask(self, grads: list[torch.Tensor]) -> list[bool]:
+    def mask(self, grads: list[torch.Tensor],
+             sums: list[torch.Tensor] | None = None) -> list[bool]:
         """One bool per gradient: True where it holds a NaN or Inf (exactly: a finite
-        gradient whose sum overflows is not named)."""
-        if self.all_finite(grads):
+        gradient whose sum overflows is not named). ``sums``: a 0-d tensor per gradient that
+        is non-finite where it holds a NaN or Inf (its norm), which spares the check a pass."""
+        if sums is not None:
+            sums = torch.stack(sums).tolist()
+            if all(map(math.isfinite, sums)):
+                return [False] * len(grads)
+        elif self.all_finite(grads):
             return [False] * len(grads)
-        sums = abs_sums(grads).tolist()
+        else:
+            sums = abs_sums(grads).tolist()
         # an infinite sum of finite entries (near the dtype's largest value): look again
         return [not math.isfinite(v) and not bool(torch.isfinite(entries(g, False)).all())
                 for v, g in zip(sums, grads)]
@@ -127,21 +134,79 @@ def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [p.clone() for p in params]
 
 
+def snapshot_norms(params: list[torch.Tensor], grads: list[torch.Tensor]
+                   ) -> tuple[list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(a :func:`snapshot` of ``params``, (|params|, |grads|) per parameter) in one read of
+    each tensor, for :func:`step_norms`; |grads| is non-finite wherever a gradient holds a
+    NaN or Inf, so it doubles as the step's finiteness check (:meth:`FiniteCheck.mask`)."""
+    with torch.no_grad():
+        before: list[torch.Tensor] = []
+        w: list[torch.Tensor] = []
+        g: list[torch.Tensor] = []
+        for lo, hi in _groups(params):
+            b = snapshot(params[lo:hi])
+            before.extend(b)
+            w.extend(_norms(b))
+            g.extend(_norms(grads[lo:hi]))
+        return before, (w, g)
+
+
 def step_norms(before: list[torch.Tensor], after: list[torch.Tensor],
-               grads: list[torch.Tensor]) -> torch.Tensor:
+               grads: list[torch.Tensor],
+               pre: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
     """A (4, P) tensor, rows |g|, |before|, |update| and <-update, g> per parameter (float32;
-    float64 when a parameter is).
+    float64 when a parameter is); ``pre`` is (|before|, |g|) when :func:`snapshot_norms`
+    took them.
 
     ``before`` (a :func:`snapshot`) is consumed: it holds ``before - after``, the negated
     update, afterwards.
     """
     with torch.no_grad():
-        w = _norms(before)
-        torch._foreach_sub_(before, after)
-        g = _norms(grads)
-        u = _norms(before)
-        dots = [_dot(n, x) for n, x in zip(before, grads)]
-        return torch.stack((*g, *w, *u, *dots)).view(4, -1)
+        cols: tuple[list, list, list, list] = ([], [], [], [])
+        # each group's three lists fit in cache, so its passes read memory about once: over
+        # a whole 150-tensor model (10 MB a list) every pass went to DRAM
+        for lo, hi in _groups(before):
+            b, g = before[lo:hi], grads[lo:hi]
+            if pre is None:
+                cols[1].extend(_norms(b))
+            torch._foreach_sub_(b, after[lo:hi])
+            cols[2].extend(_norms(b))
+            cols[3].extend(_dots(b, g))
+            if pre is None:
+                cols[0].extend(_norms(g))
+        if pre is not None:
+            cols[1].extend(pre[0])
+            cols[0].extend(pre[1])
+        return torch.stack((*cols[0], *cols[1], *cols[2], *cols[3])).view(4, -1)
+
+
+_GROUP = 1 << 20  # values per group of step_norms' passes: 3 x 4 MB in float32
+
+
+def _groups(ts: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of ``ts`` holding about ``_GROUP`` values each."""
+    out, lo, n = [], 0, 0
+    for i, t in enumerate(ts):
+        n += t.numel()
+        if n >= _GROUP:
+            out.append((lo, i + 1))
+            lo, n = i + 1, 0
+    if lo < len(ts):
+        out.append((lo, len(ts)))
+    return out
+
+
+def _dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`_dot` of each pair; dense float32 pairs below ``_BIG`` go straight to vdot
+    (per-call checks cost as much as a small tensor's dot)."""
+    out = []
+    for x, y in zip(a, b):
+        if (x.dtype is _F32 and y.dtype is _F32 and y.layout is torch.strided
+                and x.numel() <= _BIG):
+            out.append(torch.vdot(x.reshape(-1), y.reshape(-1)))
+        else:
+            out.append(_dot(x, y))
+    return out
 
 
 def finish_stats(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
