@@ -2,7 +2,7 @@
 
 Both runs start from the same weights and see the same batches. Each timed call is one probe
 cycle (``PROBE_EVERY`` steps: one full probe step and the suffix steps after it), so the
-ratio of medians is the schedule's steady cost per step, probes included. After the gate,
+gate's ratio is the schedule's steady cost per step, probes included. After the gate,
 both models have taken the same number of steps; the final held-out loss gap is recorded
 next to the time ratio in ``benchmark.extra_info`` and bounded.
 """
