@@ -237,7 +237,8 @@ class Probe:
         self._params_cache: tuple[list, list] = ([], [])
         self._groups: tuple[torch.Tensor, list[int], list[dict]] | None = None
         self._before: list[torch.Tensor] | None = None
-        self._pre_norms = None  # (|params|, |grads|) taken with the snapshot
+        # (|params|, |grads|) taken with the snapshot
+        self._pre_norms: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._received: Received | None = None
         self._dtensors = sharded.DTensor is not None and any(
             isinstance(p, sharded.DTensor) for g in optimizer.param_groups for p in g["params"])
@@ -467,12 +468,14 @@ class Probe:
             self._step_timer = None
         self.bus.end_step()
 
-    def _culprits(self, grads: list[torch.Tensor], sums=None) -> list[dict]:
+    def _culprits(self, grads: list[torch.Tensor],
+                  sums: list[torch.Tensor] | None = None) -> list[dict]:
         """The tags of the gradients holding a NaN or Inf (a host read: a sync on CUDA)."""
         mask = self._finite.mask(grads, sums)
         return [t for f, t in zip(mask, self._params()[1]) if f] if any(mask) else []
 
-    def _check_nonfinite(self, bus: hooks.Bus, grads: list[torch.Tensor], sums=None) -> None:
+    def _check_nonfinite(self, bus: hooks.Bus, grads: list[torch.Tensor],
+                         sums: list[torch.Tensor] | None = None) -> None:
         """``sums``: the gradients' norms when the step's statistics took them."""
         if grads[0].device.type == "cpu":  # reading host memory is no sync: emit what fired
             bad = self._culprits(grads, sums)
@@ -487,7 +490,8 @@ class Probe:
             bus.emit("anomaly/nonfinite", flags.sum())
 
     def _skip_if_nonfinite(self, bus: hooks.Bus, optimizer,
-                           grads: list[torch.Tensor], sums=None) -> None:
+                           grads: list[torch.Tensor],
+                           sums: list[torch.Tensor] | None = None) -> None:
         # the user asked to skip: one host read of the flags per step decides before the step
         bad = self._culprits(grads, sums)
         if bus.wants("anomaly/nonfinite"):
