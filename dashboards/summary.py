@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from hooks import Event, Vector
+from hooks import Event, Vector, topics
 
 
 class Summary:
@@ -26,6 +26,9 @@ class Summary:
         add = self._add
         for e in events:
             if type(e) is Vector:
+                row = topics.lookup(e.topic)
+                if row is not None and row.kind == topics.HISTOGRAM:
+                    continue  # samples, as a histogram Event's list: no running aggregate
                 key = (e.topic, id(e.params))
                 col = self._columns.get(key)
                 if col is None or col.params is not e.params:

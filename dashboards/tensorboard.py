@@ -8,7 +8,7 @@ import math
 import os
 
 from dashboards.event_writer import GuardedWriter
-from dashboards.histograms import bins
+from dashboards.histograms import bins, bins_many
 from dashboards.hparams import check_hparams, hparams_summaries
 from dashboards.layouts import LOG10_TOPICS, build_layout
 from hooks import Event, Vector, topics
@@ -16,16 +16,20 @@ from hooks import Event, Vector, topics
 _METRICS = ("eval/accuracy", "eval/loss", "train/loss")
 
 
-def _histogram(values):
-    """A HistogramProto of the finite ``values`` (:func:`bins`), None if none is finite."""
+def _histogram(h: dict | None):
+    """The HistogramProto of :func:`dashboards.histograms.bins`' buckets (None: none)."""
     from tensorboard.compat.proto.summary_pb2 import HistogramProto
 
-    h = bins(values)
     if h is None:
         return None
     return HistogramProto(min=h["min"], max=h["max"], num=h["num"], sum=h["sum"],
                           sum_squares=h["sum_squares"], bucket_limit=h["limits"],
                           bucket=h["counts"])
+
+
+def _is_histogram(topic: str) -> bool:
+    row = topics.lookup(topic)
+    return row is not None and row.kind == topics.HISTOGRAM
 
 
 def _log10(v: float) -> float:
@@ -104,24 +108,23 @@ class TensorBoard:
                 entry = by_step[e.step] = (Summary(), e.wall_time)
             add = entry[0].value.add
             if type(e) is Vector:
-                new_tag |= self._scalars(add, e.topic, e.tag_paths(), e.values)
+                if _is_histogram(e.topic):  # one numpy pass buckets every sample
+                    for tag, h in zip(e.tag_paths(), bins_many(e.values)):
+                        if h is not None:
+                            add(tag=tag, histo=_histogram(h))
+                else:
+                    new_tag |= self._scalars(add, e.topic, e.tag_paths(), e.values)
                 continue
             tag = e.tag_path()
             v = e.value
             if isinstance(v, str):
                 entry[0].value.extend(_text(tag, v).value)
-            elif isinstance(v, list):
-                h = _histogram(v)
+            elif isinstance(v, list) or _is_histogram(e.topic):
+                h = bins(v if isinstance(v, list) else [v])
                 if h is not None:
-                    add(tag=tag, histo=h)
+                    add(tag=tag, histo=_histogram(h))
             else:
-                row = topics.lookup(e.topic)
-                if row is not None and row.kind == topics.HISTOGRAM:
-                    h = _histogram([v])
-                    if h is not None:
-                        add(tag=tag, histo=h)
-                else:
-                    new_tag |= self._scalars(add, e.topic, (tag,), (v,))
+                new_tag |= self._scalars(add, e.topic, (tag,), (v,))
         fw = self._out.file_writer
         for step, (summary, wall) in by_step.items():
             self._last_step = max(self._last_step, step)

@@ -82,12 +82,23 @@ class _Pending:
 
 
 class _InFlight:
-    """A CUDA batch being copied to pinned host memory; ready when its event is done."""
+    """A CUDA batch being copied to pinned host memory; ready when its event is done.
+    ``items`` are the scalars' share of ``host`` (its first ``n`` values), ``samples`` the
+    histogram samples' (the rest)."""
 
-    __slots__ = ("event", "host", "items")
+    __slots__ = ("event", "host", "items", "n", "samples")
 
-    def __init__(self, event, host, items):
-        self.event, self.host, self.items = event, host, items
+    def __init__(self, event, host, items, n, samples):
+        self.event, self.host, self.items, self.n, self.samples = event, host, items, n, samples
+
+
+class _Samples:
+    """``emit_samples``' value: one 1-d tensor per tag."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
 
 
 def _quiet(p: _Pending, value: Any, sampled: bool) -> bool:
@@ -209,6 +220,17 @@ class Bus:
         copied (pass the same list each step, unchanged): its columns are worked out once."""
         self._queue(topic, values, tags if type(tags) is list else list(tags), len(tags))
 
+    def emit_samples(self, topic: str, samples: list[torch.Tensor], tags: list[dict]) -> None:
+        """Queue one histogram sample per parameter (1-d tensors of values), sample i tagged
+        ``tags[i]``. Collectors with ``vectors = True`` get them as one Vector whose values
+        are float32 CPU tensors (copies, never views of the producer's tensors), read without
+        a Python float per value; the others get one Event per sample, a list of floats."""
+        if len(samples) != len(tags):
+            raise ValueError(f"samples and tags must have one length, got {len(samples)} "
+                             f"samples and {len(tags)} tags")
+        self._queue(topic, _Samples(samples), tags if type(tags) is list else list(tags),
+                    len(tags))
+
     def _queue(self, topic: str, value: Any, tags: dict | list, count: int) -> None:
         code = self._want.get(topic)
         if code is None:
@@ -301,23 +323,29 @@ class Bus:
         pending, self._pending = self._pending, []
         events: list[Event] = []
         by_device: dict[torch.device, list[tuple[_Pending, torch.Tensor]]] = {}
+        samples: dict[torch.device, list[tuple[_Pending, list[torch.Tensor]]]] = {}
         for p in pending:
             v = p.value
             if isinstance(v, torch.Tensor):
-                # each call is a dispatch: skip the ones that would return the tensor itself
-                if v.requires_grad:
-                    v = v.detach()
-                if v.dim() != 1:
-                    v = v.reshape(-1)
-                if v.dtype != torch.float32:
-                    v = v.float()
-                by_device.setdefault(v.device, []).append((p, v))
+                by_device.setdefault(v.device, []).append((p, _flat32(v)))
+            elif type(v) is _Samples:
+                if v.tensors:
+                    dev = v.tensors[0].device
+                    ts = [_flat32(t if t.device == dev else t.to(dev)) for t in v.tensors]
+                    samples.setdefault(dev, []).append((p, ts))
             elif isinstance(p.tags, list):  # emit_each of host numbers
                 self._split(events, [(p, len(p.tags), sampled)], [float(x) for x in v])
             else:
                 self._append(events, p, v, sampled)
-        for device, items in by_device.items():
-            flat = torch.cat([t for _, t in items]) if len(items) > 1 else items[0][1]
+        for device in {**by_device, **samples}:
+            items = by_device.get(device, [])
+            taken = samples.get(device, [])
+            # samples go last and are always copied: a sample may be a view of a gradient
+            parts = [t for _, t in items] + [t for _, ts in taken for t in ts]
+            flat = torch.cat(parts) if len(parts) > 1 or taken else parts[0]
+            n = sum(t.numel() for _, t in items)
+            scalars = [(p, t.numel(), sampled) for p, t in items]
+            shares = [(p, [t.numel() for t in ts]) for p, ts in taken]
             self.host_transfers += 1
             if device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
@@ -325,14 +353,28 @@ class Bus:
                     host.copy_(flat, non_blocking=True)
                     ev = torch.cuda.Event()
                     ev.record(torch.cuda.current_stream(device))
-                self._inflight.append(_InFlight(ev, host, [(p, t.numel(), sampled)
-                                                           for p, t in items]))
+                self._inflight.append(_InFlight(ev, host, scalars, n, shares))
             else:
-                self._split(events, [(p, t.numel(), sampled) for p, t in items], flat.tolist())
+                self._split(events, scalars, flat[:n].tolist())
+                self._split_samples(events, shares, flat[n:])
         self._drain_inflight(events, wait)
         self._drain_timers(events, sampled, wait)
         self._health(events)
         return events
+
+    def _split_samples(self, events: list[Event], shares, host: torch.Tensor) -> None:
+        i = 0
+        for p, lengths in shares:
+            views = []
+            for n in lengths:
+                views.append(host[i:i + n])
+                i += n
+            cols = self._columns_of(p.tags)
+            if cols is not None:
+                events.append(Vector(p.topic, p.step, views, cols[0], cols[1], p.wall))
+            else:
+                events.extend(Event(p.topic, p.step, v.tolist(), _str_tags(t), p.wall)
+                              for v, t in zip(views, p.tags))
 
     def _split(self, events: list[Event], items, values: list) -> None:
         i = 0
@@ -392,7 +434,8 @@ class Bus:
             if wait:
                 f.event.synchronize()
             if wait or f.event.query():
-                self._split(events, f.items, f.host.tolist())
+                self._split(events, f.items, f.host[:f.n].tolist())
+                self._split_samples(events, f.samples, f.host[f.n:])
             else:
                 keep.append(f)
         self._inflight = keep
@@ -473,6 +516,17 @@ class Bus:
             print(f"optprobe: collector {sub.name} failed in {where}(): {exc!r}; training "
                   f"goes on, further failures are counted in probe/collector_errors",
                   file=sys.stderr)
+
+
+def _flat32(v: torch.Tensor) -> torch.Tensor:
+    """``v`` detached, 1-d and float32; each call is a dispatch, so only the needed ones."""
+    if v.requires_grad:
+        v = v.detach()
+    if v.dim() != 1:
+        v = v.reshape(-1)
+    if v.dtype != torch.float32:
+        v = v.float()
+    return v
 
 
 def _str_tags(tags: dict | None) -> dict:

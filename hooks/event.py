@@ -37,9 +37,11 @@ class Event:
 class Vector:
     """One per-parameter statistic for one step, column-wise: ``values[i]`` belongs to the
     parameter ``params[i]``; ``tags`` are the tags all of them share (without ``param``).
+    ``values[i]`` is a float, or for a histogram topic a 1-d float32 CPU tensor holding the
+    parameter's sample (``Bus.emit_samples``; ``.numpy()`` reads it without a copy).
 
     The bus hands a Vector to collectors that set ``vectors = True``; the others receive
-    ``events()``, one Event per parameter, as before."""
+    ``events()``, one Event per parameter, as before (a sample as a list of floats)."""
 
     topic: str
     step: int
@@ -51,7 +53,7 @@ class Vector:
     def events(self) -> list[Event]:
         """The same values as one Event per parameter (``tags`` plus ``param``)."""
         topic, step, wall, tags = self.topic, self.step, self.wall_time, self.tags
-        return [Event(topic, step, v, {**tags, "param": p}, wall)
+        return [Event(topic, step, _host(v), {**tags, "param": p}, wall)
                 for v, p in zip(self.values, self.params)]
 
     def tag_paths(self) -> list[str]:
@@ -61,9 +63,17 @@ class Vector:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: one line per topic per step, the names written once."""
-        return {"topic": self.topic, "step": self.step, "values": self.values,
+        values = self.values
+        if values and type(values[0]) is not float:  # histogram samples
+            values = [_host(v) for v in values]
+        return {"topic": self.topic, "step": self.step, "values": values,
                 "params": self.params, "tags": self.tags, "wall_time": self.wall_time}
 
+
+def _host(v):
+    """A Vector value as an Event holds it: a float stays, a sample becomes a list of floats."""
+    tolist = getattr(v, "tolist", None)
+    return v if tolist is None else tolist()
 
 
 def expand(records: list) -> list[Event]:

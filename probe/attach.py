@@ -645,14 +645,12 @@ class Probe:
                     tags: list[dict]) -> None:
         grouping = self._grouping()
         if grouping is None:
-            for v, t in zip(samples, tags):
-                bus.emit(topic, v, **t)
+            bus.emit_samples(topic, samples, tags)
             return
         members: list[list[torch.Tensor]] = [[] for _ in grouping[2]]
         for v, i in zip(samples, grouping[1]):
             members[i].append(v.float())
-        for vs, t in zip(members, grouping[2]):
-            bus.emit(topic, torch.cat(vs), **t)
+        bus.emit_samples(topic, [torch.cat(vs) for vs in members], grouping[2])
 
     def _hist_step(self) -> bool:
         # histograms copy values, so they come every 10th sampled step

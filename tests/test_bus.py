@@ -279,3 +279,35 @@ def test_alarms_still_get_in_when_ordinary_values_filled_the_buffer():
     alarms = [e for e in rec.events if e.topic.startswith("anomaly/")]
     assert len(alarms) == 16  # max(16, 5 // 16) of room
     assert bus.dropped_events == 7 + 42 - 16
+
+
+def test_samples_travel_as_one_vector_of_copies():
+    """emit_samples: a vector collector gets one Vector of float32 CPU tensors, copied (the
+    producer's tensor may change after the step), the others one Event per sample holding a
+    list; the step's scalars share the one host transfer."""
+    from hooks import Vector
+
+    class VectorRecorder(Recorder):
+        vectors = True
+
+    bus = hooks.Bus()
+    vec, ev = VectorRecorder(), Recorder()
+    bus.subscribe(vec)
+    bus.subscribe(ev)
+    grad = torch.arange(12.0, dtype=torch.float64).view(3, 4)
+    tags = [{"param": "a"}, {"param": "b"}]
+    bus.begin_step(0)
+    bus.emit("grad/norm", torch.tensor(2.0))
+    bus.emit_samples("grad/hist", [grad.reshape(-1)[::3], torch.tensor([-1.0, 7.5])], tags)
+    bus.end_step()
+    grad.zero_()  # the gradient is rewritten by the next backward
+    assert bus.host_transfers == 1
+    (v,) = [r for r in vec.events if type(r) is Vector]
+    assert v.topic == "grad/hist" and v.params == ["a", "b"]
+    assert [t.dtype for t in v.values] == [torch.float32] * 2
+    assert [t.tolist() for t in v.values] == [[0.0, 3.0, 6.0, 9.0], [-1.0, 7.5]]
+    assert [(e.tags, e.value) for e in ev.events if e.topic == "grad/hist"] == [
+        ({"param": "a"}, [0.0, 3.0, 6.0, 9.0]), ({"param": "b"}, [-1.0, 7.5])]
+    assert ev.values("grad/norm") == [2.0]
+    with pytest.raises(ValueError, match="samples and tags must have one length"):
+        bus.emit_samples("grad/hist", [torch.zeros(2)], tags)

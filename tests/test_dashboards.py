@@ -125,3 +125,64 @@ def test_histograms_are_written_as_their_buckets_in_both_files(tmp_path):
     (only,) = acc.Histograms("grad/hist/w")  # the all-NaN step has nothing to show
     assert list(only.histogram_value.bucket) == h["counts"]
     np.testing.assert_allclose(list(only.histogram_value.bucket_limit), h["limits"])
+
+
+def _numpy_buckets(values):
+    """np.histogram of the finite values over (min, max), as the collectors store it; one
+    bucket where numpy cannot make 30 distinct edges (it raises)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    try:
+        counts, edges = np.histogram(v, bins=30 if lo < hi else 1, range=(lo, hi))
+    except ValueError:
+        counts, edges = np.histogram(v, bins=1, range=(lo, hi))
+    return {"min": lo, "max": hi, "num": int(v.size), "sum": float(v.sum()),
+            "sum_squares": float(v @ v), "limits": edges[1:].tolist(),
+            "counts": counts.tolist()}
+
+
+def test_batched_buckets_equal_numpy_histogram_sample_by_sample():
+    """bins_many buckets 1,800 samples in one pass; each equals np.histogram of that sample
+    alone: values on the edges, equal values, NaN/Inf, all-NaN, empty, subnormal and 1e300
+    spans, spans of a few ULPs, float32 values."""
+    import numpy as np
+
+    from dashboards.histograms import bins_many
+
+    rng = np.random.default_rng(1)
+    edges = np.linspace(-1, 1, 31)
+    kinds = [
+        lambda n: rng.normal(size=n),
+        lambda n: np.full(n, rng.normal()),
+        lambda n: edges[rng.integers(0, 31, size=n)],
+        lambda n: rng.normal(size=n) * 1e-300,
+        lambda n: np.concatenate([rng.normal(size=n), [np.nan, np.inf, -np.inf]]),
+        lambda n: np.full(n, np.nan),
+        lambda n: np.array([5e-324, 1e-323, 0.0])[: n % 3 + 1],
+        lambda n: rng.integers(-3, 4, size=n).astype(float),
+        lambda n: rng.normal(size=n) * 1e300,
+        lambda n: 1.0 + np.arange(n % 40) * 2.2e-16,
+    ]
+    samples = []
+    for i in range(1800):
+        s = kinds[i % len(kinds)](int(rng.integers(0, 1500)))
+        samples.append(s.astype(np.float32).tolist() if i % 2 else s.tolist())
+    with np.errstate(over="ignore"):
+        want = [_numpy_buckets(s) for s in samples]
+    got = bins_many(samples)
+    assert sum(w is None for w in want) > 100
+    for s, g, w in zip(samples, got, want):
+        assert (g is None) == (w is None)
+        if w is None:
+            continue
+        assert {k: g[k] for k in ("min", "max", "num", "limits", "counts")} == \
+            {k: w[k] for k in ("min", "max", "num", "limits", "counts")}
+        scale = float(np.abs(np.asarray(s, dtype=np.float64)[np.isfinite(s)]).sum())
+        assert g["sum"] == pytest.approx(w["sum"], rel=1e-12, abs=1e-13 * scale + 1e-300)
+        assert g["sum_squares"] == pytest.approx(w["sum_squares"], rel=1e-12)
+    assert bins_many([]) == []

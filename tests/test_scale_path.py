@@ -255,3 +255,25 @@ def test_summary_from_vectors_equals_summary_from_events():
     assert ra.keys() == rb.keys()
     for k in ra:
         assert json.dumps(ra[k], sort_keys=True) == json.dumps(rb[k], sort_keys=True)
+
+
+def test_a_histogram_step_is_two_json_lines_and_one_record(tmp_path):
+    """Step 0 samples every parameter twice (gradient and update): 300 histograms on this
+    model, which arrive as two Vectors and leave as one line per topic and one Summary."""
+    model = _transformer()
+    n = len(list(model.parameters()))
+    tb = TensorBoard(tmp_path)
+    counter = CountingWriter()
+    tb.writer._get_file_writer = lambda: counter
+    jl = JSONLines(tmp_path / "e.jsonl")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with probe.attach(opt, model=model, every=1, collectors=[tb, jl]):
+        _steps(model, opt, 1)
+    lines = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    hist = [r for r in lines if r["topic"] in ("grad/hist", "update/hist")]
+    assert len(hist) == 2 and all(len(r["values"]) == n for r in hist)
+    assert counter.calls <= 2 and counter.values >= len(STAT_ROWS) * n + 2 * n
+    good, bad = read_events(tmp_path / "e.jsonl")
+    assert not bad
+    grads = [r for r in good if r["topic"] == "grad/hist"]
+    assert len(grads) == n and all(sum(r["value"]["counts"]) == r["value"]["num"] for r in grads)
