@@ -32,7 +32,7 @@ from probe.stats import (
     finish_stats,
     finish_stats_host,
     group_step_norms,
-    snapshot_norms,
+    snapshot,
     step_norms,
     value_sample,
 )
@@ -237,8 +237,8 @@ class Probe:
         self._params_cache: tuple[list, list] = ([], [])
         self._groups: tuple[torch.Tensor, list[int], list[dict]] | None = None
         self._before: list[torch.Tensor] | None = None
-        # (|params|, |grads|) taken with the snapshot
-        self._pre_norms: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # (gradients, tags) of the step, when their finiteness check waits for step_norms' |g|
+        self._unchecked: tuple[list[torch.Tensor], list[dict]] | None = None
         self._received: Received | None = None
         self._dtensors = sharded.DTensor is not None and any(
             isinstance(p, sharded.DTensor) for g in optimizer.param_groups for p in g["params"])
@@ -426,12 +426,16 @@ class Probe:
                                       copy=self._copy_grads is not False or scale is not None,
                                       ids=self._params_key)
             if self.reduce is not None or any(bus.wants(t) for t in _NEEDS_BEFORE):
-                self._before, self._pre_norms = snapshot_norms(params, self._received.grads)
-        sums = None if self._pre_norms is None else self._pre_norms[1]  # no pass of its own
-        if grads and self.on_nonfinite == "skip":
-            self._skip_if_nonfinite(bus, optimizer, grads, sums)
+                self._before = snapshot(params)
+        if grads and self.on_nonfinite == "skip":  # decided before the step
+            self._skip_if_nonfinite(bus, optimizer, grads)
         elif grads and bus.wants("anomaly/nonfinite"):
-            self._check_nonfinite(bus, grads, sums)
+            if self._before is not None and self.reduce is None:
+                # the norms after the step name the culprits, no pass of their own: the
+                # gradients as received (copies where the optimizer rewrites them)
+                self._unchecked = (self._received.grads, self._received.tags)
+            else:
+                self._check_nonfinite(bus, grads)
 
     def _checked(self, optimizer, closure):
         """``closure`` whose first call (the gradient at the step's starting point: LBFGS's
@@ -462,38 +466,48 @@ class Probe:
         skipping, self._skipping = self._skipping, None
         if skipping is not None:
             skipping.restore(grads=False)
-        self._before = self._received = self._pre_norms = None
+        self._before = self._received = None
+        self._finish_check()
         if self._step_timer is not None:
             self._step_timer.__exit__(None, None, None)
             self._step_timer = None
         self.bus.end_step()
 
-    def _culprits(self, grads: list[torch.Tensor],
-                  sums: list[torch.Tensor] | None = None) -> list[dict]:
+    def _finish_check(self, sums: torch.Tensor | None = None) -> None:
+        """The finiteness check left for after the step, with step_norms' |g| when given."""
+        unchecked, self._unchecked = self._unchecked, None
+        if unchecked is not None:
+            self._check_nonfinite(self.bus, *unchecked, sums)
+
+    def _culprits(self, grads: list[torch.Tensor], tags: list[dict] | None = None,
+                  sums: torch.Tensor | None = None) -> list[dict]:
         """The tags of the gradients holding a NaN or Inf (a host read: a sync on CUDA)."""
         mask = self._finite.mask(grads, sums)
-        return [t for f, t in zip(mask, self._params()[1]) if f] if any(mask) else []
+        if not any(mask):
+            return []
+        return [t for f, t in zip(mask, tags or self._params()[1]) if f]
 
     def _check_nonfinite(self, bus: hooks.Bus, grads: list[torch.Tensor],
-                         sums: list[torch.Tensor] | None = None) -> None:
-        """``sums``: the gradients' norms when the step's statistics took them."""
+                         tags: list[dict] | None = None,
+                         sums: torch.Tensor | None = None) -> None:
+        """``tags``: the gradients' (default: the parameters' now); ``sums``: their norms
+        when the step's statistics took them."""
         if grads[0].device.type == "cpu":  # reading host memory is no sync: emit what fired
-            bad = self._culprits(grads, sums)
+            bad = self._culprits(grads, tags, sums)
             for t in bad:
                 bus.emit("anomaly/nonfinite", 1.0, **t)
             if bad or bus.sampled:
                 bus.emit("anomaly/nonfinite", float(len(bad)))
         else:  # on CUDA the flags stay on device and resolve with the step's batch
-            m = abs_sums(grads) if sums is None else torch.stack(sums)
+            m = abs_sums(grads) if sums is None else sums
             flags = (~torch.isfinite(m)).float()
-            bus.emit_each("anomaly/nonfinite", flags, self._params()[1])
+            bus.emit_each("anomaly/nonfinite", flags, tags or self._params()[1])
             bus.emit("anomaly/nonfinite", flags.sum())
 
     def _skip_if_nonfinite(self, bus: hooks.Bus, optimizer,
-                           grads: list[torch.Tensor],
-                           sums: list[torch.Tensor] | None = None) -> None:
+                           grads: list[torch.Tensor]) -> None:
         # the user asked to skip: one host read of the flags per step decides before the step
-        bad = self._culprits(grads, sums)
+        bad = self._culprits(grads)
         if bus.wants("anomaly/nonfinite"):
             for t in bad:
                 bus.emit("anomaly/nonfinite", 1.0, **t)
@@ -524,7 +538,8 @@ class Probe:
             if bus.sampled:
                 self._sampled_stats(bus)
         finally:
-            self._before = self._received = self._pre_norms = None
+            self._before = self._received = None
+            self._finish_check()  # where the statistics did not run
             if bus.wants("probe/overhead_ms"):
                 bus.emit("probe/overhead_ms", (self._overhead + time.perf_counter() - t0) * 1e3)
             if self.sampler is not None and (bus.sampled or self.sampler.status is not None):
@@ -557,7 +572,8 @@ class Probe:
                 self._histograms(bus, "update/hist", [value_sample(p) - value_sample(b)
                                                       for b, p in zip(self._before, params)],
                                  tags)
-            norms = step_norms(self._before, params, grads, self._pre_norms)
+            norms = step_norms(self._before, params, grads)
+            self._finish_check(norms[0])  # local norms of the gradients as received
             if self._shards:
                 norms = sharded.global_norms(norms, self._shards)
             norms = rec.unscaled_norms(norms)
@@ -623,7 +639,7 @@ class Probe:
         present = torch.zeros(len(everyone), device=dev)
         totals = torch.zeros(3, device=dev)
         if params and self._before is not None and len(self._before) == len(params):
-            norms = step_norms(self._before, params, grads, self._pre_norms)
+            norms = step_norms(self._before, params, grads)
             if self._shards:
                 norms = sharded.global_norms(norms, self._shards)
             norms = self._received.unscaled_norms(norms)

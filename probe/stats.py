@@ -76,13 +76,13 @@ class FiniteCheck:
     def __init__(self) -> None:
         self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def mask(self, grads: list[torch.Tensor],
-             sums: list[torch.Tensor] | None = None) -> list[bool]:
+    def mask(self, grads: list[torch.Tensor], sums: torch.Tensor | None = None) -> list[bool]:
         """One bool per gradient: True where it holds a NaN or Inf (exactly: a finite
-        gradient whose sum overflows is not named). ``sums``: a 0-d tensor per gradient that
-        is non-finite where it holds a NaN or Inf (its norm), which spares the check a pass."""
+        gradient whose sum overflows is not named). ``sums``: a 1-d tensor, per gradient a
+        number that is non-finite where it holds a NaN or Inf (its norm, from
+        :func:`step_norms`), which spares the check a pass."""
         if sums is not None:
-            sums = torch.stack(sums).tolist()
+            sums = sums.tolist()
             if all(map(math.isfinite, sums)):
                 return [False] * len(grads)
         elif self.all_finite(grads):
@@ -134,53 +134,31 @@ def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [p.clone() for p in params]
 
 
-def snapshot_norms(params: list[torch.Tensor], grads: list[torch.Tensor]
-                   ) -> tuple[list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """(a :func:`snapshot` of ``params``, (|params|, |grads|) per parameter) in one read of
-    each tensor, for :func:`step_norms`; |grads| is non-finite wherever a gradient holds a
-    NaN or Inf, so it doubles as the step's finiteness check (:meth:`FiniteCheck.mask`)."""
-    with torch.no_grad():
-        before: list[torch.Tensor] = []
-        w: list[torch.Tensor] = []
-        g: list[torch.Tensor] = []
-        for lo, hi in _groups(params):
-            b = snapshot(params[lo:hi])
-            before.extend(b)
-            w.extend(_norms(b))
-            g.extend(_norms(grads[lo:hi]))
-        return before, (w, g)
-
-
 def step_norms(before: list[torch.Tensor], after: list[torch.Tensor],
-               grads: list[torch.Tensor],
-               pre: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+               grads: list[torch.Tensor]) -> torch.Tensor:
     """A (4, P) tensor, rows |g|, |before|, |update| and <-update, g> per parameter (float32;
-    float64 when a parameter is); ``pre`` is (|before|, |g|) when :func:`snapshot_norms`
-    took them.
+    float64 when a parameter is), in one read of each list after the step.
 
     ``before`` (a :func:`snapshot`) is consumed: it holds ``before - after``, the negated
-    update, afterwards.
+    update, afterwards. |g| is non-finite wherever a gradient holds a NaN or Inf, so it
+    doubles as the step's finiteness check (:meth:`FiniteCheck.mask`).
     """
     with torch.no_grad():
         cols: tuple[list, list, list, list] = ([], [], [], [])
-        # each group's three lists fit in cache, so its passes read memory about once: over
-        # a whole 150-tensor model (10 MB a list) every pass went to DRAM
+        # a group's lists fit in L2 together, so its five passes read memory once per list:
+        # the norms taken before the step instead (while the snapshot was made) read the
+        # gradients a second time, 10% of a transformer's sampled step
         for lo, hi in _groups(before):
             b, g = before[lo:hi], grads[lo:hi]
-            if pre is None:
-                cols[1].extend(_norms(b))
+            cols[1].extend(_norms(b))
             torch._foreach_sub_(b, after[lo:hi])
             cols[2].extend(_norms(b))
+            cols[0].extend(_norms(g))
             cols[3].extend(_dots(b, g))
-            if pre is None:
-                cols[0].extend(_norms(g))
-        if pre is not None:
-            cols[1].extend(pre[0])
-            cols[0].extend(pre[1])
         return torch.stack((*cols[0], *cols[1], *cols[2], *cols[3])).view(4, -1)
 
 
-_GROUP = 1 << 20  # values per group of step_norms' passes: 3 x 4 MB in float32
+_GROUP = 1 << 17  # values per group of step_norms' passes: 4 x 512 KB in float32
 
 
 def _groups(ts: list[torch.Tensor]) -> list[tuple[int, int]]:

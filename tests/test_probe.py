@@ -1,5 +1,7 @@
 """probe.attach on a plain torch optimizer: hooks, statistics, anomalies, logging."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,48 @@ def test_nan_gradient_raises_anomaly_on_an_unsampled_step():
     fired = [e for e in rec.events if e.topic == "anomaly/nonfinite" and e.step == 1]
     assert {e.tags.get("param"): e.value for e in fired} == {"2.weight": 1.0, None: 1.0}
     assert rec.values("anomaly/nonfinite")[0] == 0.0  # step 0 reports a clean total
+
+
+class _Sanitizing(torch.optim.SGD):
+    """An SGD that rewrites NaN gradients to 0 in place before stepping, as some
+    third-party optimizers clean their inputs."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0)
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("make", [torch.optim.SGD, _Sanitizing], ids=["sgd", "rewrites"])
+def test_a_sampled_step_names_nan_gradients_from_its_own_norms(monkeypatch, make):
+    """On a sampled step the finiteness check reads the gradient norms the statistics take
+    after the step, not a pass of its own, and names the gradients as the optimizer received
+    them, also when it rewrites them in place (they are copied)."""
+    from probe.stats import FiniteCheck
+
+    passes = []
+    real = FiniteCheck.all_finite
+    monkeypatch.setattr(FiniteCheck, "all_finite",
+                        lambda self, grads: passes.append(len(grads)) or real(self, grads))
+    model = _model()
+    opt = make(model.parameters(), lr=0.1)
+    rec = Recorder()
+    with probe.attach(opt, model=model, every=2, collectors=[rec], bus=hooks.Bus()):
+        for step in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            if step == 2:
+                model[0].bias.grad[1] = float("nan")
+            opt.step()
+            opt.zero_grad()
+    assert passes == [4]  # the unsampled step 1 only
+    fired = {e.tags.get("param"): e.value for e in rec.events
+             if e.topic == "anomaly/nonfinite" and e.step == 2}
+    assert fired == {"0.bias": 1.0, None: 1.0}
+    assert bool(torch.isfinite(model[0].bias).all()) == (make is _Sanitizing)
+    assert math.isnan(rec.values("grad/norm", "0.bias")[-1])  # as received
 
 
 def test_log_resolves_tensors_with_the_step_batch():

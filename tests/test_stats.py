@@ -12,7 +12,6 @@ from probe.stats import (
     finish_stats,
     finish_stats_host,
     snapshot,
-    snapshot_norms,
     step_norms,
 )
 
@@ -74,12 +73,10 @@ def test_statistics_match_numpy(finish):
     assert totals == pytest.approx(ref_totals, rel=1e-5)
 
 
-@pytest.mark.parametrize("pre", [False, True], ids=["step_norms", "snapshot_norms"])
-def test_statistics_over_several_pass_groups_match_numpy(pre):
+def test_statistics_over_several_pass_groups_match_numpy():
     """A model-sized list (3.4M values: step_norms passes over it in groups that fit in
     cache) with a float64, a bfloat16, a channels-last and a transposed-gradient tensor in
-    different groups: every column lands where its parameter is, whether the norms before
-    the step come from snapshot_norms or from step_norms itself."""
+    different groups: every column lands where its parameter is."""
     gen = torch.Generator().manual_seed(5)
     shapes = [(256, 256)] * 20 + [(600, 700), (33,), (128, 3, 3, 3), (9, 7), (300, 300)]
     params = [torch.randn(s, generator=gen) for s in shapes]
@@ -89,11 +86,11 @@ def test_statistics_over_several_pass_groups_match_numpy(pre):
     grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
     grads[24] = torch.randn(300, 300, generator=gen).t()  # a non-contiguous gradient
     originals = [p.clone() for p in params]
-    before, norms = snapshot_norms(params, grads) if pre else (snapshot(params), None)
+    before = snapshot(params)
     for p in params:
         p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 1e-3)
     ref, _ = _reference(originals, params, grads)
-    table, _ = finish_stats_host(step_norms(before, params, grads, norms).tolist())
+    table, _ = finish_stats_host(step_norms(before, params, grads).tolist())
     for k, topic in enumerate(STAT_ROWS):
         for i, (x, y) in enumerate(zip(table[k], ref[topic])):
             rel = 1e-2 if i == 23 else 1e-4  # bfloat16 values, float32 sums

@@ -501,7 +501,7 @@ def test_finiteness_check_keeps_half_precision_nan_bits(dtype, nan_bits, size):
 def test_finite_gradient_whose_sum_overflows_is_not_named():
     # before: sum |g| overflowed (float16 from 65504, any dtype near its largest value) and a
     # finite gradient was named in anomaly/nonfinite next to the real culprit
-    from probe.stats import FiniteCheck, abs_sums, snapshot_norms
+    from probe.stats import FiniteCheck, abs_sums, step_norms
     large16 = torch.full((600,), 3000.0, dtype=torch.float16)
     near_max = torch.full((4,), torch.finfo(torch.float32).max * 0.75)
     bad = torch.tensor([1.0, math.inf])
@@ -510,8 +510,8 @@ def test_finite_gradient_whose_sum_overflows_is_not_named():
     assert FiniteCheck().mask([large16, near_max]) == [False, False]
     # the sampled step's path: the gradient norms stand for the sums (near_max's overflows)
     grads = [large16, near_max, bad]
-    _, (_, norms) = snapshot_norms([g.clone() for g in grads], grads)
-    assert FiniteCheck().mask(grads, norms) == [False, False, True]
+    norms = step_norms([g.clone() for g in grads], [torch.zeros_like(g) for g in grads], grads)
+    assert FiniteCheck().mask(grads, norms[0]) == [False, False, True]
 
 
 @pytest.mark.parametrize("backend", ["svd", "poweriter"])
