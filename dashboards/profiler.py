@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity
 
-from hooks import Event
+from hooks import Event, Vector
 
 MARKER = "optprobe/step "
 _COUNTER_CAT = "optprobe"
@@ -47,6 +47,7 @@ class Profiler:
     ``repeat`` cycles) and writes trace files with telemetry counters into ``logdir``."""
 
     name = "Profiler"
+    vectors = True  # per-parameter scalars as one Vector each; samples are skipped unread
 
     def __init__(self, logdir: str | os.PathLike, wait: int = 1, warmup: int = 1,
                  active: int = 3, repeat: int = 1, *,
@@ -116,9 +117,17 @@ class Profiler:
             self._schedule(self._prof.step_num) in _ACTIVE
 
     # -- the collector side --------------------------------------------------------------
-    def handle(self, events: list[Event]) -> None:
+    def handle(self, events: list[Event | Vector]) -> None:
         for e in events:
-            if e.step not in self._traced or type(e.value) is not float:
+            if e.step not in self._traced:
+                continue
+            if type(e) is Vector:  # a per-parameter scalar topic; samples are no counters
+                if e.values and type(e.values[0]) is float:
+                    series = self._values.setdefault(e.step, {}).setdefault(e.topic, {})
+                    series.update(zip(e.params, e.values))
+                    self._dirty = True
+                continue
+            if type(e.value) is not float:
                 continue
             series = self._values.setdefault(e.step, {}).setdefault(e.topic, {})
             series[e.param or "total"] = e.value
