@@ -9,6 +9,9 @@ corrections against ``np.linspace`` edges), done for every sample of a batch in 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 
 BUCKETS = 30
@@ -86,3 +89,22 @@ def _bucket(flat: np.ndarray, row: np.ndarray, present: np.ndarray, k: np.ndarra
     at = j * (BUCKETS + 1) + idx
     idx[(v >= e.take(at + 1)) & (idx != BUCKETS - 1)] += 1
     return np.bincount(j * BUCKETS + idx, minlength=k.size * BUCKETS).reshape(k.size, BUCKETS)
+
+
+_SHARED: OrderedDict[int, tuple[list, list]] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_KEEP = 4  # the last few steps' topics: every writer of a step asks within that
+
+
+def bins_of(samples: list) -> list[dict | None]:
+    """:func:`bins_many` of a Vector's ``values``, computed once for all the collectors that
+    receive the same list (TensorBoard and JSON lines on their own threads each ask)."""
+    with _SHARED_LOCK:  # held while computing: a second writer waits, then reuses
+        hit = _SHARED.get(id(samples))
+        if hit is not None and hit[0] is samples:
+            return hit[1]
+        out = bins_many(samples)
+        _SHARED[id(samples)] = (samples, out)
+        while len(_SHARED) > _SHARED_KEEP:
+            _SHARED.popitem(last=False)
+        return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from dashboards.histograms import bins, bins_many
+from dashboards.histograms import bins, bins_of
 from hooks import Event, Vector, topics
 
 
@@ -87,7 +87,7 @@ def _line(e: Event | Vector) -> dict:
     row = topics.lookup(e.topic)
     histogram = row is not None and row.kind == topics.HISTOGRAM
     if type(e) is Vector and histogram:  # the samples' buckets, one numpy pass for all
-        return {"topic": e.topic, "step": e.step, "values": bins_many(e.values),
+        return {"topic": e.topic, "step": e.step, "values": bins_of(e.values),
                 "params": e.params, "tags": e.tags, "wall_time": e.wall_time}
     d = e.to_dict()
     if histogram and isinstance(e.value, list):

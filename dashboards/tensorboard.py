@@ -8,7 +8,7 @@ import math
 import os
 
 from dashboards.event_writer import GuardedWriter
-from dashboards.histograms import bins, bins_many
+from dashboards.histograms import bins, bins_of
 from dashboards.hparams import check_hparams, hparams_summaries
 from dashboards.layouts import LOG10_TOPICS, build_layout
 from hooks import Event, Vector, topics
@@ -109,7 +109,7 @@ class TensorBoard:
             add = entry[0].value.add
             if type(e) is Vector:
                 if _is_histogram(e.topic):  # one numpy pass buckets every sample
-                    for tag, h in zip(e.tag_paths(), bins_many(e.values)):
+                    for tag, h in zip(e.tag_paths(), bins_of(e.values)):
                         if h is not None:
                             add(tag=tag, histo=_histogram(h))
                 else:

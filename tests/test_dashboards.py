@@ -186,3 +186,29 @@ def test_batched_buckets_equal_numpy_histogram_sample_by_sample():
         assert g["sum"] == pytest.approx(w["sum"], rel=1e-12, abs=1e-13 * scale + 1e-300)
         assert g["sum_squares"] == pytest.approx(w["sum_squares"], rel=1e-12)
     assert bins_many([]) == []
+
+
+def test_writers_of_one_step_bucket_its_samples_once(tmp_path, monkeypatch):
+    """TensorBoard and JSON lines receive the same histogram Vector; the buckets are computed
+    once for both (on a 2-core machine the second pass competed with training)."""
+    import torch
+
+    import dashboards.histograms as H
+    from hooks import Vector
+
+    calls = []
+    real = H.bins_many
+    monkeypatch.setattr(H, "bins_many", lambda s: calls.append(len(s)) or real(s))
+    samples = [torch.randn(64), torch.tensor([1.0, float("nan")])]
+    v = Vector("grad/hist", 0, samples, ["a", "b"], {}, 1.0)
+    tb, jl = TensorBoard(tmp_path), JSONLines(tmp_path / "events.jsonl")
+    tb.handle([v])
+    jl.handle([v])
+    tb.close()
+    jl.close()
+    assert calls == [2]
+    (line,) = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert json.loads(line)["values"][1]["counts"] == [1]
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["histograms"]) == ["grad/hist/a", "grad/hist/b"]
