@@ -57,8 +57,9 @@ def test_probe_overhead_at_scale(probe_gate, benchmark, tmp_path, name, every, m
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_statistics_floor_at_scale(probe_gate, benchmark, tmp_path, name):
-    """A sampled step with no collector: the statistics alone (a snapshot, three foreach
-    norms and one dot per tensor), bounded by about one extra optimizer step."""
+    """A sampled step with no collector: the statistics alone (a snapshot, then three
+    foreach norms and one dot per tensor in one pass), bounded by about one extra optimizer
+    step."""
     bare, probed, p, tensors = _pair(name, tmp_path, 1, collectors=[])
     try:
         probe_gate(probed, bare, max_ratio=1.10, warmup=2, rounds=50,
