@@ -10,6 +10,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import torch
 
 import hooks
 from dashboards import TensorBoard
@@ -18,6 +19,7 @@ from probe.tensorboard_cmd import start, stop
 ROUTING = ("param          route   shape  in*kh*kw\n"
            "| fc.weight | muon | 64x32 | 32 |\n"
            "policy auto_rho*out=1*32")
+NAN = float("nan")
 HPARAMS = {"optimizer": "muon", "lr": 0.01, "steps": 100000, "nesterov": True}
 
 
@@ -43,6 +45,7 @@ def server(tmp_path_factory):
         bus.begin_step(s)
         if s == 0:
             bus.emit("muon/routing", ROUTING)
+            bus.emit_samples("grad/hist", [torch.arange(100.0), torch.tensor([2.0, NAN])], tags[:2])
         bus.emit_each("grad/norm", [1.0 + s, 2.0, 3.0], tags)
         bus.emit("grad/norm", 4.0)
         bus.emit_each("kfac/cond_A", [10.0, 1e4, 1e8], tags)
@@ -55,6 +58,20 @@ def server(tmp_path_factory):
     proc, url = start(run, host="127.0.0.1", port=0, timeout=90)
     yield url, run.name
     stop(proc)
+
+
+def test_histograms_from_samples_are_served_with_every_value(server):
+    """A step's histogram samples (one Vector, bucketed in numpy) as the histograms plugin
+    serves them: every finite value counted, the buckets spanning min to max."""
+    url, run = server
+    q = urllib.parse.urlencode({"run": run, "tag": "grad/hist/l0"})
+    ((_, step, buckets),) = _get(f"{url}/data/plugin/histograms/histograms?{q}")
+    assert step == 0 and len(buckets) == 30
+    assert sum(c for _, _, c in buckets) == pytest.approx(100)
+    assert buckets[0][0] == pytest.approx(0.0) and buckets[-1][1] == pytest.approx(99.0)
+    q = urllib.parse.urlencode({"run": run, "tag": "grad/hist/l1"})
+    ((_, _, buckets),) = _get(f"{url}/data/plugin/histograms/histograms?{q}")
+    assert sum(c for _, _, c in buckets) == pytest.approx(1)  # the NaN is left out
 
 
 def test_text_is_under_the_topic_tag_and_renders_as_written(server):
