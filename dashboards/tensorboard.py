@@ -84,6 +84,8 @@ class TensorBoard:
         self._out = GuardedWriter(self.logdir, retry_secs, flush_secs=flush_secs,
                                   max_queue=max_queue, filename_suffix=filename_suffix)
         self.scalar_tags: dict[str, set[str]] = {}
+        self._paths: dict[tuple[str, int], tuple[list, list[str]]] = {}
+        self._logs: dict[int, tuple[list, list[str]]] = {}
         self.layout: dict[str, dict[str, list]] = {}
         self._last_step = 0
         self._closed = False
@@ -108,12 +110,13 @@ class TensorBoard:
                 entry = by_step[e.step] = (Summary(), e.wall_time)
             add = entry[0].value.add
             if type(e) is Vector:
+                paths, seen = self._paths_of(e)
                 if _is_histogram(e.topic):  # one numpy pass buckets every sample
-                    for tag, h in zip(e.tag_paths(), bins_of(e.values)):
+                    for tag, h in zip(paths, bins_of(e.values)):
                         if h is not None:
                             add(tag=tag, histo=_histogram(h))
                 else:
-                    new_tag |= self._scalars(add, e.topic, e.tag_paths(), e.values)
+                    new_tag |= self._scalars(add, e.topic, paths, e.values, seen)
                 continue
             tag = e.tag_path()
             v = e.value
@@ -133,18 +136,44 @@ class TensorBoard:
         if new_tag:
             self._write_layout()
 
-    def _scalars(self, add, topic: str, tags, values) -> bool:
+    def _paths_of(self, e: Vector) -> tuple[list[str], bool]:
+        """(the Vector's tags, True when they were written before): producers pass the same
+        ``params`` list every step, so its tags are made and recorded once."""
+        key = (e.topic, id(e.params))
+        hit = self._paths.get(key)
+        if hit is not None and hit[0] is e.params:
+            return hit[1], True
+        if len(self._paths) > 256:  # fresh lists every step: do not grow
+            self._paths.clear()
+        paths = e.tag_paths()
+        self._paths[key] = (e.params, paths)
+        return paths, False
+
+    def _log_paths(self, topic: str, tags: list[str]) -> list[str]:
+        """The log10 twins' tags of ``tags`` (made once per list, as :meth:`_paths_of`)."""
+        hit = self._logs.get(id(tags))
+        if hit is not None and hit[0] is tags:
+            return hit[1]
+        if len(self._logs) > 256:
+            self._logs.clear()
+        n = len(topic)
+        logs = [f"{topic}_log10{t[n:]}" for t in tags]
+        self._logs[id(tags)] = (tags, logs)
+        return logs
+
+    def _scalars(self, add, topic: str, tags, values, seen: bool = False) -> bool:
         """Add scalar ``values`` under ``tags`` (and their log10 twins for a topic spanning
-        decades); True when a tag is new (the layout may change)."""
+        decades); True when a tag is new (the layout may change). ``seen``: ``tags`` were
+        recorded before."""
         for tag, v in zip(tags, values):
             add(tag=tag, simple_value=v)
-        new = self._seen(topic, tags)
+        new = False if seen else self._seen(topic, tags)
         if topic in LOG10_TOPICS:
-            n = len(topic)
-            logs = [f"{topic}_log10{t[n:]}" for t in tags]
+            logs = self._log_paths(topic, tags)
             for tag, v in zip(logs, values):
                 add(tag=tag, simple_value=_log10(v))
-            new |= self._seen(topic + "_log10", logs)
+            if not seen:
+                new |= self._seen(topic + "_log10", logs)
         return new
 
     def _seen(self, topic: str, tags) -> bool:

@@ -32,6 +32,7 @@ from probe.stats import (
     finish_stats,
     finish_stats_host,
     group_step_norms,
+    sample_size,
     snapshot,
     step_norms,
     value_sample,
@@ -569,7 +570,8 @@ class Probe:
             pass  # norms, ratios and cosines came reduced; histograms below stay local
         elif self._before is not None and len(self._before) == len(params):
             if self._hist_step() and bus.wants("update/hist"):  # before step_norms takes it
-                self._histograms(bus, "update/hist", [value_sample(p) - value_sample(b)
+                n = sample_size(len(params))
+                self._histograms(bus, "update/hist", [value_sample(p, n) - value_sample(b, n)
                                                       for b, p in zip(self._before, params)],
                                  tags)
             norms = step_norms(self._before, params, grads)
@@ -608,8 +610,9 @@ class Probe:
                 bus.emit_each("grad/norm", g, tags if grouping is None else grouping[2])
             bus.emit("grad/norm", g.square().sum().sqrt())
         if self._hist_step() and bus.wants("grad/hist"):
-            self._histograms(bus, "grad/hist", [rec.unscaled(value_sample(g)) for g in grads],
-                             tags)
+            n = sample_size(len(grads))
+            self._histograms(bus, "grad/hist",
+                             [rec.unscaled(value_sample(g, n)) for g in grads], tags)
         if bus.device.type == "cuda" and bus.wants("cuda/memory_allocated"):
             dev = bus.device
             bus.emit("cuda/memory_allocated", torch.cuda.memory_allocated(dev), param=str(dev))

@@ -272,7 +272,18 @@ def _flat32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype is _F32 else t.float()
 
 
-def value_sample(t: torch.Tensor, max_values: int = 1024) -> torch.Tensor:
+SAMPLE_VALUES = 1024  # per tensor, for its histogram
+SAMPLE_BUDGET = 1 << 20  # per histogram topic and step, over all tensors
+
+
+def sample_size(tensors: int) -> int:
+    """Values sampled per tensor when ``tensors`` are histogrammed in one step:
+    ``SAMPLE_VALUES``, fewer (at least 64) where that would pass ``SAMPLE_BUDGET`` in all, so
+    a histogram step costs the writers the same on a 5,000-tensor model as on a 1,000-one."""
+    return max(64, min(SAMPLE_VALUES, SAMPLE_BUDGET // max(1, tensors)))
+
+
+def value_sample(t: torch.Tensor, max_values: int = SAMPLE_VALUES) -> torch.Tensor:
     """An evenly strided sample of at most ``max_values`` entries, for histograms (of a
     sparse tensor its stored values, of a complex one its real and imaginary parts)."""
     flat = entries(t.detach()).reshape(-1)

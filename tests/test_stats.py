@@ -160,3 +160,17 @@ def test_big_tensors_norms_and_dots_are_float64_accurate():
     # torch's float32 norm alone is far off on the same tensor: the test can fail
     assert abs(before.norm().item() - ref_before[0].norm().item()) > 1e-5 * \
         ref_before[0].norm().item()
+
+
+def test_histogram_samples_keep_to_a_budget_per_step():
+    """1,024 values per tensor up to 1,024 tensors, then fewer (never under 64), so the
+    values a histogram step hands the writers stay near 2**20 however many tensors."""
+    from probe.stats import SAMPLE_BUDGET, sample_size, value_sample
+
+    assert [sample_size(n) for n in (1, 150, 1024)] == [1024] * 3
+    assert sample_size(5000) == SAMPLE_BUDGET // 5000 == 209
+    assert sample_size(10**6) == 64
+    t = torch.arange(100_000.0)
+    for n in (64, 209, 1024):
+        s = value_sample(t, n)
+        assert len(s) <= n and s[0] == 0 and s[1] - s[0] == -(-100_000 // n)
