@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
+from dashboards.event_bytes import ScalarBlock, event_record, raw_writer
 from dashboards.event_writer import GuardedWriter
 from dashboards.histograms import bins, bins_of
 from dashboards.hparams import check_hparams, hparams_summaries
@@ -86,6 +88,7 @@ class TensorBoard:
         self.scalar_tags: dict[str, set[str]] = {}
         self._paths: dict[tuple[str, int], tuple[list, list[str]]] = {}
         self._logs: dict[int, tuple[list, list[str]]] = {}
+        self._blocks: dict[int, tuple] = {}
         self.layout: dict[str, dict[str, list]] = {}
         self._last_step = 0
         self._closed = False
@@ -103,11 +106,13 @@ class TensorBoard:
         new_tag = self._out.check()
         if new_tag:
             self.layout = {}
-        by_step: dict[int, tuple[Summary, float]] = {}
+        fw = self._out.file_writer
+        raw = raw_writer(fw)
+        by_step: dict[int, tuple[Summary, float, list[bytes]]] = {}
         for e in events:
             entry = by_step.get(e.step)
             if entry is None:
-                entry = by_step[e.step] = (Summary(), e.wall_time)
+                entry = by_step[e.step] = (Summary(), e.wall_time, [])
             add = entry[0].value.add
             if type(e) is Vector:
                 paths, seen = self._paths_of(e)
@@ -115,6 +120,8 @@ class TensorBoard:
                     for tag, h in zip(paths, bins_of(e.values)):
                         if h is not None:
                             add(tag=tag, histo=_histogram(h))
+                elif raw is not None and e.step >= 0:  # the values into a template
+                    new_tag |= self._scalar_block(entry[2], e, paths, seen)
                 else:
                     new_tag |= self._scalars(add, e.topic, paths, e.values, seen)
                 continue
@@ -128,13 +135,34 @@ class TensorBoard:
                     add(tag=tag, histo=_histogram(h))
             else:
                 new_tag |= self._scalars(add, e.topic, (tag,), (v,))
-        fw = self._out.file_writer
-        for step, (summary, wall) in by_step.items():
+        for step, (summary, wall, blocks) in by_step.items():
             self._last_step = max(self._last_step, step)
-            if summary.value:
+            if blocks:  # Summary bytes are its values' records, in any order
+                blocks.append(summary.SerializeToString())
+                raw(event_record(wall or time.time(), step, b"".join(blocks)))
+            elif summary.value:
                 fw.add_summary(summary, step, wall or None)
         if new_tag:
             self._write_layout()
+
+    def _scalar_block(self, out: list[bytes], e: Vector, paths: list[str], seen: bool) -> bool:
+        """Append the Summary records of a per-parameter scalar Vector (and of its log10
+        twins) to ``out``, filled from templates kept per tags list; True for a new tag."""
+        hit = self._blocks.get(id(paths))
+        if hit is None or hit[0] is not paths:
+            if len(self._blocks) > 256:
+                self._blocks.clear()
+            logs = self._log_paths(e.topic, paths) if e.topic in LOG10_TOPICS else None
+            hit = self._blocks[id(paths)] = (paths, ScalarBlock(paths), logs,
+                                              None if logs is None else ScalarBlock(logs))
+        _, block, logs, log_block = hit
+        out.append(block.fill(e.values))
+        new = False if seen else self._seen(e.topic, paths)
+        if log_block is not None:
+            out.append(log_block.fill([_log10(v) for v in e.values]))
+            if not seen:
+                new |= self._seen(e.topic + "_log10", logs)
+        return new
 
     def _paths_of(self, e: Vector) -> tuple[list[str], bool]:
         """(the Vector's tags, True when they were written before): producers pass the same

@@ -212,3 +212,25 @@ def test_writers_of_one_step_bucket_its_samples_once(tmp_path, monkeypatch):
     acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
     acc.Reload()
     assert sorted(acc.Tags()["histograms"]) == ["grad/hist/a", "grad/hist/b"]
+
+
+@pytest.mark.parametrize("step,wall", [(0, 0.0), (7, 1.5), (2**40 + 3, 1796650000.123)])
+def test_template_records_equal_protobufs_own_bytes(step, wall):
+    """A per-parameter Vector's scalars filled into a template are the bytes protobuf
+    serializes for the same Event: NaN, infinities, -0.0, values past float32, long tags."""
+    from tensorboard.compat.proto.event_pb2 import Event as EventProto
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from dashboards.event_bytes import ScalarBlock, event_record
+
+    tags = ["grad/norm/a", "grad/norm/" + "x" * 300, "grad/norm/é", "grad/norm/b"]
+    values = [float("nan"), float("-inf"), -0.0, 1e39]
+    want = EventProto(wall_time=wall, step=step, summary=Summary(
+        value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values)]))
+    block = ScalarBlock(tags)
+    got = event_record(wall, step, block.fill(values))
+    assert got == want.SerializeToString()
+    assert event_record(wall, step, block.fill([1.0, 2.0, 3.0, 4.0])) == EventProto(
+        wall_time=wall, step=step, summary=Summary(value=[
+            Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, [1, 2, 3, 4])])
+    ).SerializeToString()
