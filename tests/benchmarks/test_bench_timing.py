@@ -47,6 +47,8 @@ def test_span_cost_profiler_off(probe_gate, benchmark, request, listening):
     print(f"\nspan cost ({'timed' if listening else 'nobody listens'}): "
           f"{per_span_us:.3f} us per span")
     bound = 2.0 * request.config.getoption("--probe-gate-slack")
+    # the table's verdict is this bound's, not the ratio's (which always passes)
+    benchmark.extra_info["passed"] = per_span_us <= bound
     if not request.config.getoption("--probe-gate-report-only"):
         assert per_span_us <= bound, f"{per_span_us:.3f} us per span > {bound:.2f} us"
 
