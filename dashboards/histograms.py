@@ -52,7 +52,7 @@ def bins_many(samples: list) -> list[dict | None]:
     edges = np.linspace(lo[k], hi[k], BUCKETS + 1, axis=1)
     split = (edges[:, 1:] > edges[:, :-1]).all(axis=1)
     k, edges = k[split], edges[split]
-    counts = _bucket(flat, row, present, k, lo, hi, edges) if k.size else edges
+    counts = _bucket(flat, row, present, k, lo, hi, edges) if k.size else None
     of = dict(zip(k.tolist(), range(k.size)))
     for i, r in enumerate(present.tolist()):
         j = of.get(i)

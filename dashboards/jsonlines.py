@@ -84,8 +84,7 @@ def _unlinked(f) -> bool:
 
 
 def _line(e: Event | Vector) -> dict:
-    row = topics.lookup(e.topic)
-    histogram = row is not None and row.kind == topics.HISTOGRAM
+    histogram = topics.is_histogram(e.topic)
     if type(e) is Vector and histogram:  # the samples' buckets, one numpy pass for all
         return {"topic": e.topic, "step": e.step, "values": bins_of(e.values),
                 "params": e.params, "tags": e.tags, "wall_time": e.wall_time}

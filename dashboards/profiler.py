@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerAction, ProfilerActivity
 
 from hooks import Event, Vector
+from hooks.topics import is_histogram
 
 MARKER = "optprobe/step "
 _COUNTER_CAT = "optprobe"
@@ -122,7 +123,7 @@ class Profiler:
             if e.step not in self._traced:
                 continue
             if type(e) is Vector:  # a per-parameter scalar topic; samples are no counters
-                if e.values and type(e.values[0]) is float:
+                if not is_histogram(e.topic):
                     series = self._values.setdefault(e.step, {}).setdefault(e.topic, {})
                     series.update(zip(e.params, e.values))
                     self._dirty = True

@@ -26,8 +26,7 @@ class Summary:
         add = self._add
         for e in events:
             if type(e) is Vector:
-                row = topics.lookup(e.topic)
-                if row is not None and row.kind == topics.HISTOGRAM:
+                if topics.is_histogram(e.topic):
                     continue  # samples, as a histogram Event's list: no running aggregate
                 key = (e.topic, id(e.params))
                 col = self._columns.get(key)

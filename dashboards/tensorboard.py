@@ -29,9 +29,31 @@ def _histogram(h: dict | None):
                           bucket=h["counts"])
 
 
-def _is_histogram(topic: str) -> bool:
-    row = topics.lookup(topic)
-    return row is not None and row.kind == topics.HISTOGRAM
+def _log_tags(topic: str, tags) -> list[str]:
+    """The tags of the log10 twins of ``topic``'s ``tags``."""
+    n = len(topic)
+    return [f"{topic}_log10{t[n:]}" for t in tags]
+
+
+class _TagSet:
+    """A per-parameter Vector's TensorBoard tags (and log10 twins), with the templates of
+    their scalar records made on first use."""
+
+    def __init__(self, e: Vector) -> None:
+        self.params = e.params
+        self.paths = e.tag_paths()
+        self.logs = _log_tags(e.topic, self.paths) if e.topic in LOG10_TOPICS else None
+        self._blocks: list[ScalarBlock | None] = [None, None]
+
+    def block(self) -> ScalarBlock:
+        if self._blocks[0] is None:
+            self._blocks[0] = ScalarBlock(self.paths)
+        return self._blocks[0]
+
+    def log_block(self) -> ScalarBlock:
+        if self._blocks[1] is None:
+            self._blocks[1] = ScalarBlock(self.logs)
+        return self._blocks[1]
 
 
 def _log10(v: float) -> float:
@@ -86,9 +108,8 @@ class TensorBoard:
         self._out = GuardedWriter(self.logdir, retry_secs, flush_secs=flush_secs,
                                   max_queue=max_queue, filename_suffix=filename_suffix)
         self.scalar_tags: dict[str, set[str]] = {}
-        self._paths: dict[tuple[str, int], tuple[list, list[str]]] = {}
-        self._logs: dict[int, tuple[list, list[str]]] = {}
-        self._blocks: dict[int, tuple] = {}
+        # per (topic, params list) of a Vector: its tags, made and recorded once
+        self._tag_sets: dict[tuple[str, int], _TagSet] = {}
         self.layout: dict[str, dict[str, list]] = {}
         self._last_step = 0
         self._closed = False
@@ -115,26 +136,33 @@ class TensorBoard:
                 entry = by_step[e.step] = (Summary(), e.wall_time, [])
             add = entry[0].value.add
             if type(e) is Vector:
-                paths, seen = self._paths_of(e)
-                if _is_histogram(e.topic):  # one numpy pass buckets every sample
-                    for tag, h in zip(paths, bins_of(e.values)):
+                ts, seen = self._tag_set(e)
+                if topics.is_histogram(e.topic):  # one numpy pass buckets every sample
+                    for tag, h in zip(ts.paths, bins_of(e.values)):
                         if h is not None:
                             add(tag=tag, histo=_histogram(h))
-                elif raw is not None and e.step >= 0:  # the values into a template
-                    new_tag |= self._scalar_block(entry[2], e, paths, seen)
+                    continue
+                if raw is not None and e.step >= 0:  # the values into templates
+                    entry[2].append(ts.block().fill(e.values))
+                    if ts.logs is not None:
+                        entry[2].append(ts.log_block().fill([_log10(v) for v in e.values]))
                 else:
-                    new_tag |= self._scalars(add, e.topic, paths, e.values, seen)
+                    self._scalars(add, ts.paths, e.values, ts.logs)
+                if not seen:
+                    new_tag |= self._record(e.topic, ts.paths, ts.logs)
                 continue
             tag = e.tag_path()
             v = e.value
             if isinstance(v, str):
                 entry[0].value.extend(_text(tag, v).value)
-            elif isinstance(v, list) or _is_histogram(e.topic):
+            elif isinstance(v, list) or topics.is_histogram(e.topic):
                 h = bins(v if isinstance(v, list) else [v])
                 if h is not None:
                     add(tag=tag, histo=_histogram(h))
             else:
-                new_tag |= self._scalars(add, e.topic, (tag,), (v,))
+                logs = _log_tags(e.topic, (tag,)) if e.topic in LOG10_TOPICS else None
+                self._scalars(add, (tag,), (v,), logs)
+                new_tag |= self._record(e.topic, (tag,), logs)
         for step, (summary, wall, blocks) in by_step.items():
             self._last_step = max(self._last_step, step)
             if blocks:  # Summary bytes are its values' records, in any order
@@ -145,63 +173,34 @@ class TensorBoard:
         if new_tag:
             self._write_layout()
 
-    def _scalar_block(self, out: list[bytes], e: Vector, paths: list[str], seen: bool) -> bool:
-        """Append the Summary records of a per-parameter scalar Vector (and of its log10
-        twins) to ``out``, filled from templates kept per tags list; True for a new tag."""
-        hit = self._blocks.get(id(paths))
-        if hit is None or hit[0] is not paths:
-            if len(self._blocks) > 256:
-                self._blocks.clear()
-            logs = self._log_paths(e.topic, paths) if e.topic in LOG10_TOPICS else None
-            hit = self._blocks[id(paths)] = (paths, ScalarBlock(paths), logs,
-                                              None if logs is None else ScalarBlock(logs))
-        _, block, logs, log_block = hit
-        out.append(block.fill(e.values))
-        new = False if seen else self._seen(e.topic, paths)
-        if log_block is not None:
-            out.append(log_block.fill([_log10(v) for v in e.values]))
-            if not seen:
-                new |= self._seen(e.topic + "_log10", logs)
-        return new
-
-    def _paths_of(self, e: Vector) -> tuple[list[str], bool]:
-        """(the Vector's tags, True when they were written before): producers pass the same
-        ``params`` list every step, so its tags are made and recorded once."""
+    def _tag_set(self, e: Vector) -> tuple[_TagSet, bool]:
+        """(the Vector's tags, True when they were recorded before): producers pass the same
+        ``params`` list every step, so this is a look-up after the first."""
         key = (e.topic, id(e.params))
-        hit = self._paths.get(key)
-        if hit is not None and hit[0] is e.params:
-            return hit[1], True
-        if len(self._paths) > 256:  # fresh lists every step: do not grow
-            self._paths.clear()
-        paths = e.tag_paths()
-        self._paths[key] = (e.params, paths)
-        return paths, False
+        hit = self._tag_sets.get(key)
+        if hit is not None and hit.params is e.params:
+            return hit, True
+        if len(self._tag_sets) > 256:  # fresh lists every step: do not grow
+            self._tag_sets.clear()
+        hit = self._tag_sets[key] = _TagSet(e)
+        return hit, False
 
-    def _log_paths(self, topic: str, tags: list[str]) -> list[str]:
-        """The log10 twins' tags of ``tags`` (made once per list, as :meth:`_paths_of`)."""
-        hit = self._logs.get(id(tags))
-        if hit is not None and hit[0] is tags:
-            return hit[1]
-        if len(self._logs) > 256:
-            self._logs.clear()
-        n = len(topic)
-        logs = [f"{topic}_log10{t[n:]}" for t in tags]
-        self._logs[id(tags)] = (tags, logs)
-        return logs
-
-    def _scalars(self, add, topic: str, tags, values, seen: bool = False) -> bool:
-        """Add scalar ``values`` under ``tags`` (and their log10 twins for a topic spanning
-        decades); True when a tag is new (the layout may change). ``seen``: ``tags`` were
-        recorded before."""
+    @staticmethod
+    def _scalars(add, tags, values, logs) -> None:
+        """Add scalar ``values`` under ``tags`` and, for a topic spanning decades, their
+        log10 under ``logs`` (None: none)."""
         for tag, v in zip(tags, values):
             add(tag=tag, simple_value=v)
-        new = False if seen else self._seen(topic, tags)
-        if topic in LOG10_TOPICS:
-            logs = self._log_paths(topic, tags)
+        if logs is not None:
             for tag, v in zip(logs, values):
                 add(tag=tag, simple_value=_log10(v))
-            if not seen:
-                new |= self._seen(topic + "_log10", logs)
+
+    def _record(self, topic: str, tags, logs) -> bool:
+        """Record scalar ``tags`` (and ``logs``, their log10 twins); True when one is new
+        (the layout may change)."""
+        new = self._seen(topic, tags)
+        if logs is not None:
+            new |= self._seen(topic + "_log10", logs)
         return new
 
     def _seen(self, topic: str, tags) -> bool:

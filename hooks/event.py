@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hooks import topics
+
 Value = float | list | str
 
 
@@ -64,7 +66,7 @@ class Vector:
     def to_dict(self) -> dict:
         """A JSON-ready dict: one line per topic per step, the names written once."""
         values = self.values
-        if values and type(values[0]) is not float:  # histogram samples
+        if topics.is_histogram(self.topic):  # samples as lists of floats
             values = [_host(v) for v in values]
         return {"topic": self.topic, "step": self.step, "values": values,
                 "params": self.params, "tags": self.tags, "wall_time": self.wall_time}

@@ -137,6 +137,12 @@ def lookup(name: str) -> Topic | None:
     return None
 
 
+def is_histogram(name: str) -> bool:
+    """True when ``name`` is a histogram topic of the catalogue (its values are samples)."""
+    row = lookup(name)
+    return row is not None and row.kind == HISTOGRAM
+
+
 def is_declared(name: str) -> bool:
     """True when ``name`` is in the catalogue."""
     return lookup(name) is not None

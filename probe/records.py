@@ -79,11 +79,6 @@ def _buckets(raw: dict) -> dict | None:
     return out if len(out["limits"]) == len(out["counts"]) else None
 
 
-def _histogram_topic(topic: str) -> bool:
-    row = topics.lookup(topic)
-    return row is not None and row.kind == topics.HISTOGRAM
-
-
 def clean(rec: object) -> tuple[dict | None, str]:
     """(the record normalised, "") or (None, why it cannot be used). Normalised: ``topic`` a
     str, ``step`` an int, ``value`` a float, a str, a list of floats or (a histogram topic)
@@ -105,11 +100,11 @@ def clean(rec: object) -> tuple[dict | None, str]:
         if any(x is None for x in nums):
             return None, "value list holds a non-number"
         value = nums
-    elif isinstance(raw, dict) and _histogram_topic(topic):
+    elif isinstance(raw, dict) and topics.is_histogram(topic):
         value = _buckets(raw)
         if value is None:
             return None, "value object is not histogram buckets"
-    elif raw is None and _histogram_topic(topic):
+    elif raw is None and topics.is_histogram(topic):
         value = None
     else:
         value = _number(raw)
