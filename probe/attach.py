@@ -241,6 +241,10 @@ class Probe:
         # (gradients, tags) of the step, when their finiteness check waits for step_norms' |g|
         self._unchecked: tuple[list[torch.Tensor], list[dict]] | None = None
         self._received: Received | None = None
+        # the step's gradient list, held until the step ends: while its Python tensors live,
+        # the optimizer's own p.grad reads reuse them (letting them go made it wrap all 150
+        # of a transformer's again, 100 us a step)
+        self._held: list[torch.Tensor] | None = None
         self._dtensors = sharded.DTensor is not None and any(
             isinstance(p, sharded.DTensor) for g in optimizer.param_groups for p in g["params"])
         self._shards: list | None = None
@@ -403,7 +407,7 @@ class Probe:
             prof.mark(self._step)
         closure, where = _closure_of(args, kwargs)
         if closure is None:
-            self._gradients_in(optimizer)
+            self._held = self._gradients_in(optimizer)
         else:  # the gradients come from the closure, called inside step()
             args, kwargs = _with_closure(args, kwargs, where, self._checked(optimizer, closure))
         self._step_timer = bus.timer("step/time_ms")
@@ -411,9 +415,10 @@ class Probe:
         self._step_timer.__enter__()
         return None if closure is None else (args, kwargs)
 
-    def _gradients_in(self, optimizer) -> None:
+    def _gradients_in(self, optimizer) -> list[torch.Tensor]:
         """What the step's gradients decide, as the optimizer receives them: the kept
-        statistics, the snapshot of parameters, the non-finite check and the skip."""
+        statistics, the snapshot of parameters, the non-finite check and the skip. Returns
+        the gradients."""
         bus = self.bus
         grads = self._grads()
         # what the optimizer receives is kept first: a skipped step hides the gradients
@@ -437,6 +442,7 @@ class Probe:
                 self._unchecked = (self._received.grads, self._received.tags)
             else:
                 self._check_nonfinite(bus, grads)
+        return grads
 
     def _checked(self, optimizer, closure):
         """``closure`` whose first call (the gradient at the step's starting point: LBFGS's
@@ -449,6 +455,8 @@ class Probe:
             if first[0] and self._in_step:
                 first[0] = False
                 t0 = time.perf_counter()
+                # not held: later evaluations make new gradients, and holding these would
+                # keep a second set alive through the step
                 self._gradients_in(optimizer)
                 self._overhead += time.perf_counter() - t0
             return loss
@@ -467,7 +475,7 @@ class Probe:
         skipping, self._skipping = self._skipping, None
         if skipping is not None:
             skipping.restore(grads=False)
-        self._before = self._received = None
+        self._before = self._received = self._held = None
         self._finish_check()
         if self._step_timer is not None:
             self._step_timer.__exit__(None, None, None)
@@ -539,7 +547,7 @@ class Probe:
             if bus.sampled:
                 self._sampled_stats(bus)
         finally:
-            self._before = self._received = None
+            self._before = self._received = self._held = None
             self._finish_check()  # where the statistics did not run
             if bus.wants("probe/overhead_ms"):
                 bus.emit("probe/overhead_ms", (self._overhead + time.perf_counter() - t0) * 1e3)

@@ -128,6 +128,37 @@ def test_a_skipped_step_that_raises_never_undoes_the_next_clean_step():
         assert torch.equal(a, b)
 
 
+def test_the_probe_lets_a_steps_gradients_go_when_the_step_ends():
+    """The probe holds the step's gradient list through the step (the optimizer's own p.grad
+    reads then reuse its tensors), never past it: set_to_none frees them as without it."""
+    import gc
+    import weakref
+
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+
+    def interrupt(optimizer, args, kwargs):
+        raise KeyboardInterrupt
+
+    with probe.attach(opt, model=m, every=3, collectors=[Recorder()]) as p:
+        for k in range(4):  # sampled steps (0, 3) and unsampled ones
+            m(torch.randn(3, 4)).sum().backward()
+            refs = [weakref.ref(q.grad) for q in m.parameters()]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            gc.collect()
+            assert [r() for r in refs] == [None] * len(refs), k
+        m(torch.randn(3, 4)).sum().backward()
+        refs = [weakref.ref(q.grad) for q in m.parameters()]
+        handle = opt.register_step_pre_hook(interrupt)  # after the probe's: it raises in-step
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+        handle.remove()
+        opt.zero_grad(set_to_none=True)
+        p.close()  # the interrupted step is closed here
+        gc.collect()
+        assert [r() for r in refs] == [None] * len(refs)
+
 def test_attach_from_inside_a_step_starts_at_the_next_step():
     m = _model()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
