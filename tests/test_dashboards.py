@@ -148,8 +148,9 @@ def _numpy_buckets(values):
 
 def test_batched_buckets_equal_numpy_histogram_sample_by_sample():
     """bins_many buckets 1,800 samples in one pass; each equals np.histogram of that sample
-    alone: values on the edges, equal values, NaN/Inf, all-NaN, empty, subnormal and 1e300
-    spans, spans of a few ULPs, float32 values."""
+    alone: values on the edges (of a far-off span too) and an ULP off them, equal values,
+    NaN/Inf, all-NaN, empty, subnormal and 1e300 spans, spans of a few ULPs, float32 values;
+    lists and tensors."""
     import numpy as np
 
     from dashboards.histograms import bins_many
@@ -167,6 +168,11 @@ def test_batched_buckets_equal_numpy_histogram_sample_by_sample():
         lambda n: rng.integers(-3, 4, size=n).astype(float),
         lambda n: rng.normal(size=n) * 1e300,
         lambda n: 1.0 + np.arange(n % 40) * 2.2e-16,
+        # on the edges of a far-off span, and one ULP either side of them (max |v| / span
+        # ~ 1e9: where the index formula drifts from the edges the most)
+        lambda n: np.linspace(1e6, 1e6 + 1e-3, 31)[np.r_[0, 30, rng.integers(0, 31, size=n)]],
+        lambda n: np.nextafter(np.linspace(-7.0, 3.0, 31)[rng.integers(0, 31, size=n)],
+                               rng.choice([-np.inf, np.inf], size=n)),
     ]
     samples = []
     for i in range(1800):
@@ -186,6 +192,15 @@ def test_batched_buckets_equal_numpy_histogram_sample_by_sample():
         assert g["sum"] == pytest.approx(w["sum"], rel=1e-12, abs=1e-13 * scale + 1e-300)
         assert g["sum_squares"] == pytest.approx(w["sum_squares"], rel=1e-12)
     assert bins_many([]) == []
+    # the bus's samples are CPU tensors (float32; any dtype here), flattened by torch
+    import torch
+
+    tensors = [torch.tensor(s, dtype=torch.float32 if i % 2 else torch.float64)
+               for i, s in enumerate(samples)]
+    assert bins_many(tensors) == got
+    half = torch.randn(500).to(torch.bfloat16)
+    assert bins_many([half, half[:7]]) == bins_many([half.double().tolist(),
+                                                     half[:7].double().tolist()])
 
 
 def test_writers_of_one_step_bucket_its_samples_once(tmp_path, monkeypatch):
