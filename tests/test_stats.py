@@ -97,6 +97,87 @@ def test_statistics_over_several_pass_groups_match_numpy():
             assert x == pytest.approx(y, rel=rel, abs=1e-6), (topic, i)
 
 
+
+def _small_case(device="cpu"):
+    """40 small tensors (biases, norms' scales: one batched pass) among three big ones:
+    float32, float64, bfloat16, channels-last, transposed gradients, a zero-size one."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(128,), (64, 3, 3, 3), (384,), (512,), (33, 7)] * 8
+    shapes[5:5] = [(300, 300)]
+    shapes[20:20] = [(0,), (70_000,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    params[2] = params[2].double()
+    params[9] = params[9].bfloat16()
+    params[1] = params[1].to(memory_format=torch.channels_last)
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    grads[4] = torch.randn(7, 33, generator=gen).t()  # a non-contiguous gradient
+    steps = [torch.randn(p.shape, generator=gen).to(p.dtype) * 1e-3 for p in params]
+    return ([x.to(device) for x in params], [x.to(device) for x in grads],
+            [x.to(device) for x in steps])
+
+
+def test_many_small_tensors_take_one_batched_pass_and_match_numpy(monkeypatch):
+    import probe.stats as S
+
+    params, grads, steps = _small_case()
+    # a sparse gradient (an embedding's) among them: the rest go one by one around it
+    params.append(torch.randn(50, 4))
+    grads.append(torch.sparse_coo_tensor([[3, 7, 7]], torch.randn(3, 4), (50, 4),
+                                         check_invariants=True))
+    steps.append(torch.randn(50, 4) * 1e-3)
+    seen = []
+    real = S._batched_norms
+    monkeypatch.setattr(S, "_batched_norms", lambda b, a, g: seen.append(len(b)) or real(b, a, g))
+    originals = [p.clone() for p in params]
+    before = snapshot(params)
+    for p, s in zip(params, steps):
+        p.add_(s)
+    ref, _ = _reference(originals, params, [g.to_dense() for g in grads])
+    norms = step_norms(before, params, grads)
+    assert seen == [40]  # the big ones and the zero-size one go their own way
+    assert norms.shape == (4, len(params)) and norms.dtype == torch.float64
+    table, _ = finish_stats_host(norms.tolist())
+    for k, topic in enumerate(STAT_ROWS):
+        for i, (x, y) in enumerate(zip(table[k], ref[topic])):
+            if math.isnan(y):
+                assert math.isnan(x), (topic, i)
+                continue
+            rel = 1e-2 if i == 9 else 1e-6  # bfloat16 values; float64 sums elsewhere
+            assert x == pytest.approx(y, rel=rel, abs=1e-9), (topic, i)
+    # |g| doubles as the finiteness check: a NaN and an Inf among the small ones show
+    grads[3][5], grads[12][0, 1, 2, 0] = math.nan, math.inf
+    seen.clear()
+    g = step_norms(snapshot(params), params, grads)[0]
+    assert seen == [40]
+    assert [i for i, v in enumerate(g.tolist()) if not math.isfinite(v)] == [3, 12]
+
+
+def test_segment_sums_on_the_host_equal_torchs_segment_reduce():
+    """The batched pass sums runs with numpy on the host and segment_reduce on a device."""
+    from probe.stats import _segment_sums
+
+    gen = torch.Generator().manual_seed(2)
+    sizes = [1, 128, 3, 4096, 7, 1]
+    terms = torch.randn(4, sum(sizes), generator=gen, dtype=torch.float64)
+    host = _segment_sums(terms, sizes, host=True)
+    torch.testing.assert_close(host, _segment_sums(terms, sizes, host=False), rtol=1e-12, atol=0)
+    want = torch.stack([c.sum(1) for c in terms.split(sizes, 1)], 1)
+    torch.testing.assert_close(host, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+def test_cuda_batched_small_tensors_match_numpy():
+    params, grads, steps = _small_case("cuda")
+    originals = [p.cpu() for p in params]
+    before = snapshot(params)
+    for p, s in zip(params, steps):
+        p.add_(s)
+    ref, _ = _reference(originals, [p.cpu() for p in params], [g.cpu() for g in grads])
+    table, _ = finish_stats_host(step_norms(before, params, grads).tolist())
+    for k, topic in enumerate(STAT_ROWS[:3]):
+        for i, (x, y) in enumerate(zip(table[k], ref[topic])):
+            assert x == pytest.approx(y, rel=1e-2 if i == 9 else 1e-5, abs=1e-9), (topic, i)
+
 def test_snapshot_is_a_detached_copy():
     p = torch.nn.Parameter(torch.randn(4, 3))
     (s,) = snapshot([p])
