@@ -72,7 +72,7 @@ def _repeat(fn: Callable[[], Any], inner: int) -> Callable[[], None]:
 
 
 def _check_args(candidate: Any, baseline: Any, max_ratio: Any, warmup: Any, rounds: Any,
-                inner: Any) -> None:
+                inner: Any, interleave: Any = False) -> None:
     if not callable(candidate) or not callable(baseline):
         raise ValueError("candidate and baseline must be callables taking no argument")
     if (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
@@ -85,6 +85,8 @@ def _check_args(candidate: Any, baseline: Any, max_ratio: Any, warmup: Any, roun
         raise ValueError(f"rounds must be None (auto) or an int >= 3, got {rounds!r}")
     if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
         raise ValueError(f"inner must be an int >= 1, got {inner!r}")
+    if not isinstance(interleave, bool):
+        raise ValueError(f"interleave must be True or False, got {interleave!r}")
 
 
 def _timed(fn: Callable[[], None], timer: Callable[[], float], disable_gc: bool) -> float:
@@ -101,6 +103,25 @@ def _timed(fn: Callable[[], None], timer: Callable[[], float], disable_gc: bool)
             gc.enable()
 
 
+def _sums(times: list[float], n: int) -> list[float]:
+    """The sums of consecutive groups of ``n`` of ``times`` (a trailing part dropped)."""
+    if n == 1:
+        return times
+    return [math.fsum(times[i:i + n]) for i in range(0, len(times) - n + 1, n)]
+
+
+def _position_ratio(cand: list[float], base: list[float], inner: int) -> float:
+    """With ``interleave``: the mean over a round's ``inner`` positions of the median, over
+    rounds, of that position's candidate / baseline pair. Each call is paired with the
+    baseline call beside it, so a slow spell cancels as at ``inner=1``; each position keeps
+    its own median, so a call that is slow on purpose (a round's one sampled step) counts at
+    its weight instead of being voted out as an outlier or deciding a round."""
+    rounds = min(len(cand), len(base)) // inner
+    return math.fsum(statistics.median(
+        cand[r * inner + k] / base[r * inner + k] if base[r * inner + k] > 0 else math.inf
+        for r in range(rounds)) for k in range(inner)) / inner
+
+
 def _auto_rounds(config: pytest.Config, pair_seconds: float) -> int:
     """Rounds that fit pytest-benchmark's ``--benchmark-max-time`` (at least its min rounds)."""
     max_time = float(config.getoption("benchmark_max_time", 1.0) or 1.0)
@@ -112,7 +133,8 @@ def _auto_rounds(config: pytest.Config, pair_seconds: float) -> int:
 @pytest.fixture
 def probe_gate(benchmark, request) -> Callable[..., GateResult]:
     """``probe_gate(candidate, baseline, max_ratio=1.05, *, warmup=3, rounds=None, inner=1,
-    label=None)``: benchmark ``candidate`` against ``baseline`` interleaved; fail past the bound.
+    interleave=False, label=None)``: benchmark ``candidate`` against ``baseline`` interleaved;
+    fail past the bound.
     """
     config = request.config
     slack = config.getoption("--probe-gate-slack")
@@ -122,8 +144,9 @@ def probe_gate(benchmark, request) -> Callable[..., GateResult]:
 
     def gate(candidate: Callable[[], Any], baseline: Callable[[], Any],
              max_ratio: float = 1.05, *, warmup: int = 3, rounds: int | None = None,
-             inner: int = 1, label: str | None = None) -> GateResult:
-        _check_args(candidate, baseline, max_ratio, warmup, rounds, inner)
+             inner: int = 1, interleave: bool = False,
+             label: str | None = None) -> GateResult:
+        _check_args(candidate, baseline, max_ratio, warmup, rounds, inner, interleave)
         if used:
             raise RuntimeError("probe_gate can be called once per test (pytest-benchmark keeps "
                                "one result per test); parametrize the test for several gates")
@@ -146,32 +169,40 @@ def probe_gate(benchmark, request) -> Callable[..., GateResult]:
         n_rounds = rounds if rounds is not None else _auto_rounds(config, pair)
         if cap is not None:
             n_rounds = min(n_rounds, cap)
+        # interleave: a round's inner calls alternate with the baseline's one by one, each
+        # timed, so a slow spell shorter than the round (most, on a shared 2-core box) hits
+        # both sides alike; a round's sums are its sample
+        by_call = interleave and inner > 1
+        timed_cand, timed_base = (candidate, baseline) if by_call else (cand, base)
+        per_call = inner if by_call else 1
         base_times: list[float] = []
-        # Baseline before the candidate in even rounds, after it in odd ones (B A A B B A ...):
+        # Baseline before the candidate in even calls, after it in odd ones (B A A B B A ...):
         # whichever runs second in a pair tends to run warmer, so no side keeps that edge.
         calls = [0, 0]
 
         def before() -> None:
             if calls[0] % 2 == 0:
-                base_times.append(_timed(base, timer, disable_gc))
+                base_times.append(_timed(timed_base, timer, disable_gc))
             calls[0] += 1
 
         def after() -> None:
             if calls[1] % 2 == 1:
-                base_times.append(_timed(base, timer, disable_gc))
+                base_times.append(_timed(timed_base, timer, disable_gc))
             calls[1] += 1
 
-        benchmark.pedantic(cand, setup=before, teardown=after, rounds=n_rounds,
-                           warmup_rounds=0)
-        cand_times = list(benchmark.stats.stats.data)
-        base_times = base_times[:n_rounds]
+        benchmark.pedantic(timed_cand, setup=before, teardown=after,
+                           rounds=n_rounds * per_call, warmup_rounds=0)
+        by_call_ratio = _position_ratio(benchmark.stats.stats.data, base_times, per_call) \
+            if by_call else None
+        cand_times = _sums(list(benchmark.stats.stats.data), per_call)
+        base_times = _sums(base_times, per_call)[:n_rounds]
         c_med = statistics.median(cand_times) / inner
         b_med = statistics.median(base_times) / inner
         # Each round's two calls run back to back, so a slow spell of the machine (neighbours'
         # load lasts many calls: lag-1 autocorrelation 0.85 on the 2-core CI box) slows both:
         # their ratio cancels it, where the ratio of medians keeps it (A/A spread 4x wider).
-        ratio = statistics.median(c / b if b > 0 else math.inf
-                                  for c, b in zip(cand_times, base_times))
+        ratio = by_call_ratio if by_call_ratio is not None else statistics.median(
+            c / b if b > 0 else math.inf for c, b in zip(cand_times, base_times))
         bound = max_ratio * slack
         passed = ratio <= bound
         benchmark.extra_info.update({
@@ -182,7 +213,7 @@ def probe_gate(benchmark, request) -> Callable[..., GateResult]:
             "candidate_median_s": c_med, "baseline_median_s": b_med,
             "probe_gate_ratio_of_medians": c_med / b_med if b_med > 0 else math.inf,
             "baseline_times_s": [t / inner for t in base_times],
-            "rounds": n_rounds, "inner": inner, "passed": passed,
+            "rounds": n_rounds, "inner": inner, "interleave": by_call, "passed": passed,
         })
         result = GateResult(name, c_med, b_med, ratio, bound, n_rounds, inner, passed)
         config.stash[_RESULTS].append(result)

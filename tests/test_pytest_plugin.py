@@ -191,6 +191,60 @@ def test_max_rounds_caps_explicit_rounds(run, pytester):
     assert res.ret == pytest.ExitCode.USAGE_ERROR
 
 
+INTERLEAVED = '''
+import json
+import pathlib
+import time
+
+log = []
+D = 0.01
+
+
+def cand():
+    # one call in three is slow: only the rounds' sums, never a single call, show the cost
+    log.append("A")
+    time.sleep(6 * D if log.count("A") % 3 == 0 else D)
+
+
+def base():
+    log.append("B")
+    time.sleep(2 * D)
+
+
+def test_interleaved(probe_gate):
+    r = probe_gate(cand, base, max_ratio=1e9, warmup=1, rounds=4, inner=3, interleave=True)
+    pathlib.Path("order.txt").write_text("".join(log))
+    pathlib.Path("result.json").write_text(json.dumps(
+        {"ratio": r.ratio, "rounds": r.rounds, "cand": r.candidate_median,
+         "base": r.baseline_median}))
+'''
+
+
+def test_interleave_alternates_the_inner_calls_and_gates_on_the_rounds_sums(run, pytester):
+    pytester.makepyfile(test_interleaved=INTERLEAVED)
+    run("test_interleaved.py").assert_outcomes(passed=1)
+    # the warm-up runs whole rounds (B B B A A A); then each call pairs B A, A B, B A, ...
+    assert (pytester.path / "order.txt").read_text() == "BBBAAA" + "BAAB" * 6
+    r = json.loads((pytester.path / "result.json").read_text())
+    assert r["rounds"] == 4
+    # a round: candidate 6D + D + D = 8D against 3 x 2D = 6D (the median single call, D
+    # against 2D, would read 0.5)
+    assert 1.2 < r["ratio"] < 1.45
+    assert 0.75 * 8 / 3 * 0.01 < r["cand"] < 1.3 * 8 / 3 * 0.01
+    assert 0.75 * 0.02 < r["base"] < 1.3 * 0.02
+
+
+def test_position_ratio_weighs_each_position_and_ignores_a_spell():
+    """Rounds of 3: the candidate's first call costs 3, the others 1, the baseline 1; a slow
+    spell (x5 on both sides of a call) and one stray slow candidate call move nothing."""
+    from probe.pytest_plugin import _position_ratio
+
+    cand, base = [3.0, 1.0, 1.0] * 9, [1.0] * 27
+    cand[4], base[4] = 5.0, 5.0  # a spell over one pair
+    cand[8] = 10.0  # a stray
+    assert _position_ratio(cand, base, 3) == pytest.approx(5 / 3)
+    assert _position_ratio(cand[:-1], base, 3) == pytest.approx(5 / 3)  # whole rounds only
+
 AUTO = '''
 import pathlib
 import time
@@ -222,6 +276,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 @pytest.mark.parametrize("kw,name", [
     ({"max_ratio": 0}, "max_ratio"), ({"max_ratio": float("nan")}, "max_ratio"),
     ({"warmup": -1}, "warmup"), ({"rounds": 2}, "rounds"), ({"inner": 0}, "inner"),
+    ({"interleave": 1}, "interleave"),
 ])
 def test_bad(probe_gate, kw, name):
     calls = []
@@ -238,7 +293,7 @@ def test_not_callable(probe_gate):
 
 def test_bad_arguments_raise_before_any_work(run, pytester):
     pytester.makepyfile(test_bad=BAD)
-    run("test_bad.py").assert_outcomes(passed=6)
+    run("test_bad.py").assert_outcomes(passed=7)
 
 
 @pytest.mark.parametrize("doc", ["docs/gates.md", "README.md"])
