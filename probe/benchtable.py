@@ -59,9 +59,18 @@ def render(gates: list[dict[str, Any]], meta: dict[str, Any], command: str) -> s
               f"{mi.get('python_version', '?')}, commit {str(ci.get('id', '?'))[:10]}"
               f"{' (dirty)' if ci.get('dirty') else ''}, slack {', '.join(map(str, slack))}; "
               "ratio = median over rounds of candidate / baseline, the two run back to back in "
-              "each round. "
+              "each round"
+              f"{_interleaved_note(gates)}. "
               f"Command: `{command}`."]
     return "\n".join(lines) + "\n"
+
+
+def _interleaved_note(gates: list[dict]) -> str:
+    """The table footer's word on gates timed call by call (``interleave``), if any ran."""
+    if not any(b["extra_info"].get("interleave") for b in gates):
+        return ""
+    return ("; for gates whose rounds alternate call by call (interleave), the mean "
+            "over a round's positions of each position's median candidate / baseline pair")
 
 
 def update_file(path: str | os.PathLike, table: str) -> None:

@@ -63,3 +63,14 @@ def test_bad_inputs_say_what_is_wrong(tmp_path, capsys):
     assert "no probe_gate results" in capsys.readouterr().err
     with pytest.raises(ValueError, match="update must name a file"):
         benchtable.update_file(tmp_path / "nomarkers.md", "x")
+
+
+def test_the_footer_explains_interleaved_ratios_only_when_a_gate_used_them(bench_json, capsys):
+    main(["bench-table", str(bench_json)])
+    assert "interleave" not in capsys.readouterr().out
+    data = json.loads(bench_json.read_text())
+    data["benchmarks"][0]["extra_info"]["interleave"] = True
+    bench_json.write_text(json.dumps(data))
+    main(["bench-table", str(bench_json)])
+    assert "alternate call by call (interleave), the mean over a round's positions" in \
+        capsys.readouterr().out
