@@ -72,8 +72,12 @@ def _bins_run(samples: list) -> list[dict | None]:
     split = (edges[:, 1:] > edges[:, :-1]).all(axis=1)
     k, edges = k[split], edges[split]
     if k.size:
-        mine = None if k.size == present.size else np.repeat(
-            np.isin(np.arange(present.size), k), counts_p)
+        if k.size == present.size:
+            mine = None
+        else:  # the values of the rows split into buckets
+            split_rows = np.zeros(present.size, dtype=bool)
+            split_rows[k] = True
+            mine = np.repeat(split_rows, counts_p)
         counts = _bucket(flat if mine is None else flat[mine], counts_p[k], lo[k], hi[k],
                          edges).tolist()
         limits = edges[:, 1:].tolist()

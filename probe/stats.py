@@ -8,6 +8,7 @@ the snapshot, and all per-parameter numbers leave in one stacked tensor.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -162,8 +163,15 @@ def step_norms(before: list[torch.Tensor], after: list[torch.Tensor],
         out = torch.empty(4, len(before), dtype=torch.float64 if wide else _F32,
                           device=parts[0][1].device)
         for cols, n in parts:
-            out[:, torch.tensor(cols, device=out.device)] = n.to(out.dtype)
+            out[:, _index(tuple(cols), out.device)] = n.to(out.dtype)
         return out
+
+
+@functools.lru_cache(maxsize=32)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as an index tensor on ``device``, made once per parameter list: a list
+    copied to a GPU each sampled step would wait for the stream (a pageable copy syncs)."""
+    return torch.tensor(values, device=device)
 
 
 _SMALL = 1 << 12  # values: a smaller tensor's five calls cost more than its data
@@ -206,7 +214,7 @@ def _segment_sums(terms: torch.Tensor, sizes: list[int], host: bool | None = Non
     if terms.device.type == "cpu" if host is None else host:
         starts = np.concatenate(([0], np.cumsum(sizes[:-1])))
         return torch.from_numpy(np.add.reduceat(terms.numpy(), starts, axis=1))
-    lengths = torch.tensor(sizes, device=terms.device).expand(terms.shape[0], -1).contiguous()
+    lengths = _index(tuple(sizes), terms.device).expand(terms.shape[0], -1).contiguous()
     return torch.segment_reduce(terms, "sum", lengths=lengths, axis=1, initial=0.0)
 
 
